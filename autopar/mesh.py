@@ -1,0 +1,108 @@
+"""The abstract device mesh: axis names and sizes, plus the hardware they run on.
+
+Planning needs only names, sizes and links; a process group is made only when a plan is run
+(``Mesh.device_mesh()``), as in JAX's AbstractMesh / Mesh split.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+from .errors import MeshError
+
+
+class Axis(str, Enum):
+    """Mesh axis names, outer to inner. ``tp`` is innermost so that it stays on the fastest link."""
+
+    PP = "pp"
+    DP = "dp"
+    EP = "ep"
+    CP = "cp"
+    TP = "tp"
+
+
+AXIS_ORDER = tuple(a.value for a in Axis)
+
+
+class Mesh:
+    """``Mesh({"dp": 2, "tp": 4}, hardware="h100-sxm")``.
+
+    Axes are kept in canonical order (pp, dp, ep, cp, tp: outer to inner) whatever order the dict
+    gives, so that the same request always means the same rank layout.
+    """
+
+    def __init__(self, axes: dict[str, int], *, hardware: str = "local"):
+        if not isinstance(axes, dict) or not axes:
+            raise MeshError(f"a mesh needs a non-empty dict of axis name to size, got {axes!r}")
+        bad_names = [a for a in axes if a not in AXIS_ORDER]
+        if bad_names:
+            raise MeshError(f"unknown mesh axis name(s) {bad_names}; valid names are {list(AXIS_ORDER)}")
+        bad_sizes = {a: n for a, n in axes.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
+        if bad_sizes:
+            raise MeshError(f"mesh axis sizes must be positive integers, got {bad_sizes}")
+        unsupported = [a for a in axes if a not in ("dp", "tp")]
+        if unsupported:
+            # Only data and tensor parallelism are solved and lowered so far; other axes would be
+            # silently ignored, which is worse than refusing.
+            raise MeshError(
+                f"mesh axis {unsupported} is not supported yet: autopar currently plans 'dp' and 'tp' axes; "
+                "fold the devices into dp/tp for now"
+            )
+        self.axes: dict[str, int] = {a: axes[a] for a in AXIS_ORDER if a in axes}
+        from .cost_models.hardware import load_hardware  # validates the preset name
+
+        self.hardware_spec = load_hardware(hardware)
+        self.hardware = hardware
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.axes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.axes.values())
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __repr__(self) -> str:
+        return f"Mesh({self.axes}, hardware={self.hardware!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mesh) and self.axes == other.axes and self.hardware == other.hardware
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.axes.items()), self.hardware))
+
+    @classmethod
+    def parse(cls, text: str, *, hardware: str = "local") -> "Mesh":
+        """Parse the CLI form ``dp=2,tp=4``."""
+        axes: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, size = part.partition("=")
+            if not sep or not size.strip().isdigit():
+                raise MeshError(f"bad mesh {text!r}: expected comma-separated axis=size pairs, like dp=2,tp=4")
+            axes[name.strip()] = int(size)
+        return cls(axes, hardware=hardware)
+
+    def device_mesh(self):
+        """Bind to the running default process group; the mesh size must equal the world size."""
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise MeshError(
+                "no process group is running: launch with `torchrun` or `autopar run`, or use "
+                "autopar.plan(...) to plan without executing"
+            )
+        world = dist.get_world_size()
+        if world != self.size:
+            raise MeshError(
+                f"mesh {self.axes} has {self.size} devices but the process group has world size {world}; "
+                f"make the product of the axis sizes equal {world}"
+            )
+        device_type = "cuda" if dist.get_backend() == "nccl" and torch.cuda.is_available() else "cpu"
+        return init_device_mesh(device_type, self.shape, mesh_dim_names=self.names)
