@@ -1,0 +1,16 @@
+"""autopar: a compiler that parallelizes PyTorch models automatically.
+
+    mesh = autopar.Mesh({"dp": 2, "tp": 2})
+    pm = autopar.compile(model, mesh, example_inputs=(ids,))
+"""
+
+from .errors import AutoparError, InfeasibleError, MeshError, PlanError, TraceError
+from .mesh import Mesh
+from .plan import Plan  # noqa: E402  (loads the submodule autopar.plan before the function shadows it)
+from .api import compile, plan  # noqa: E402,A004  the function autopar.plan replaces the submodule attribute
+from .codegen.runtime import ParallelModule  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["AutoparError", "InfeasibleError", "MeshError", "PlanError", "TraceError", "Mesh", "Plan", "ParallelModule",
+           "plan", "compile"]

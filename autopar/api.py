@@ -1,0 +1,112 @@
+"""The public entry points: ``autopar.plan`` (offline) and ``autopar.compile`` (run)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+
+from .errors import AutoparError, MeshError, PlanError
+from .mesh import Mesh
+
+MODES = ("train", "infer")
+
+
+def _check(model, mesh, mode):
+    if not isinstance(model, nn.Module):
+        raise AutoparError(f"autopar needs an nn.Module, got {type(model).__name__}")
+    if not isinstance(mesh, Mesh):
+        raise MeshError(f"mesh must be an autopar.Mesh, e.g. autopar.Mesh({{'dp': 2, 'tp': 2}}); got {type(mesh).__name__}")
+    if mode not in MODES:
+        raise AutoparError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
+         time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None):
+    """Plan ``model`` on ``mesh`` without running anything; works on the ``meta`` device.
+
+    Returns an ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and
+    ``InfeasibleError`` if no layout fits the device memory.
+    """
+    _check(model, mesh, mode)
+    say = progress or (lambda msg: None)
+    from .passes.annotate import CostContext, annotate
+    from .passes.build_plan import build_plan
+    from .passes.trace import trace
+    from .solvers.intra_op import solve
+
+    t0 = time.perf_counter()
+    tg = trace(model, example_inputs, example_kwargs)
+    say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
+    return plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
+                       progress=say, trainable={n for n, p in model.named_parameters() if p.requires_grad})
+
+
+def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None):
+    from .passes.annotate import CostContext, annotate
+    from .passes.build_plan import build_plan
+    from .solvers.intra_op import solve
+
+    hw = mesh.hardware_spec
+    t0 = time.perf_counter()
+    an = annotate(tg, mesh.axes, hw, mode, trainable=trainable)
+    n_strats = sum(len(s) for s in an.strategies)
+    progress(f"annotated {len(an.nodes)} decision nodes, {n_strats} strategies, {len(an.edges)} edges "
+             f"in {time.perf_counter() - t0:.1f} s")
+    for w in an.warnings:
+        progress(f"warning: {w}")
+    limit = memory_limit_bytes if memory_limit_bytes is not None else hw.memory_capacity_bytes
+    sol = solve(an.problem(limit), time_limit_s=time_limit_s, progress=progress)
+    progress(f"solved ({sol.status}) in {sol.solve_time_s:.1f} s: predicted {sol.objective * 1e3:.3f} ms per step")
+    return build_plan(an, CostContext(mesh.axes, hw), sol.choice, sol, mesh.hardware)
+
+
+def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
+            plan=None, time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None):
+    """Plan (or take ``plan``) and build the ParallelModule. Call on every rank.
+
+    Every rank must reach the same plan; the plan hashes are compared across ranks and a
+    mismatch raises ``PlanError``.
+    """
+    _check(model, mesh, mode)
+    import torch.distributed as dist
+
+    from .codegen.lower import lower
+    from .codegen.runtime import ParallelModule
+    from .passes.annotate import CostContext
+    from .passes.trace import trace
+    from .plan import check_graph_hash
+
+    device_mesh = mesh.device_mesh()  # raises MeshError if the world size does not match
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise AutoparError(
+            f"parameters {meta[:3]}{'...' if len(meta) > 3 else ''} are on the meta device; autopar.compile runs the "
+            "model, so materialize it first (or use autopar.plan to plan without running)")
+    tg = trace(model, example_inputs, example_kwargs)
+    if plan is None:
+        plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
+                           progress=progress or (lambda m: None),
+                           trainable={n for n, p in model.named_parameters() if p.requires_grad})
+    else:
+        check_graph_hash(plan, tg.graph_hash)
+        if dict(plan.mesh) != dict(mesh.axes):
+            raise PlanError(f"the plan is for mesh {plan.mesh}, not {mesh.axes}", "$.mesh")
+    _check_same_plan_everywhere(plan)
+    ctx = CostContext(mesh.axes, mesh.hardware_spec)
+    lowered = lower(tg, plan, ctx.collectives)
+    return ParallelModule(model, plan, tg, lowered, device_mesh)
+
+
+def _check_same_plan_everywhere(plan) -> None:
+    import torch.distributed as dist
+
+    mine = plan.hash()
+    hashes = [None] * dist.get_world_size()
+    dist.all_gather_object(hashes, mine)
+    if len(set(hashes)) != 1:
+        bad = {r: h for r, h in enumerate(hashes) if h != hashes[0]}
+        raise PlanError(
+            f"ranks reached different plans (rank 0: {hashes[0]}, others: {bad}); the model, example inputs or "
+            "autopar versions differ between ranks. Plan once and pass plan=autopar.Plan.load(...) on every rank")

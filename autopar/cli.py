@@ -1,0 +1,750 @@
+"""The ``autopar`` command line: plan, inspect, explain, diff, run.
+
+Every command reads or writes plans through :mod:`autopar.plan` (plain JSON, never code). Errors
+that autopar raises on purpose are printed as ``autopar: error: <message>`` with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import html
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AutoparError, InfeasibleError
+from .mesh import AXIS_ORDER
+from .plan import Plan, format_bytes, format_seconds
+
+NOT_IMPLEMENTED = "not implemented yet: tracked in issue 3 (cost model calibration)"
+
+
+# ---- tables ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    """One table of a report, rendered either as aligned text or as HTML."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    right: set[int] = field(default_factory=set)  # indexes of right-aligned (numeric) columns
+    notes: list[str] = field(default_factory=list)
+
+
+def render_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: list[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def render_text(sections: list[Section]) -> str:
+    parts = []
+    for s in sections:
+        block = [s.title, "=" * len(s.title)]
+        if s.headers:
+            block.append(render_table(s.headers, s.rows, s.right) if s.rows else "(none)")
+        block.extend(s.notes)
+        parts.append("\n".join(block))
+    return "\n\n".join(parts) + "\n"
+
+
+# ---- plan helpers ------------------------------------------------------------------------------
+
+
+def fmt_placements(pl: dict[str, str] | list | None) -> str:
+    """``{"tp": "S(0)", "dp": "R"}`` -> ``"dp=R tp=S(0)"`` (axes outer to inner)."""
+    if pl is None:
+        return "-"
+    if isinstance(pl, list):
+        return "; ".join(fmt_placements(p) for p in pl)
+    rank = {a: i for i, a in enumerate(AXIS_ORDER)}
+    return " ".join(f"{a}={pl[a]}" for a in sorted(pl, key=lambda a: rank.get(a, len(rank)))) or "-"
+
+
+def fmt_transition(c: dict) -> str:
+    if c.get("src") is None and c.get("dst") is None:
+        return "-"
+    return f"{fmt_placements(c.get('src'))} -> {fmt_placements(c.get('dst'))}"
+
+
+def fmt_mesh(mesh: dict[str, int]) -> str:
+    return ",".join(f"{a}={n}" for a, n in mesh.items())
+
+
+def fmt_shape(shape: Any) -> str:
+    if shape is None:
+        return "-"
+    if isinstance(shape, list) and shape and all(isinstance(x, list) or x is None for x in shape):
+        return "; ".join(fmt_shape(s) for s in shape)
+    return "(" + ", ".join(str(x) for x in shape) + ")"
+
+
+def param_nodes(plan: Plan) -> dict[str, tuple[int, dict]]:
+    """FQN -> (index in ``plan.nodes``, node) for every parameter whose graph node is in the plan.
+
+    Export names a parameter's placeholder ``p_<fqn with dots as underscores>``; a node may also
+    carry the FQN itself under ``fqn`` or ``target``.
+    """
+    by_name = {}
+    for i, n in enumerate(plan.nodes):
+        for key in (n.get("name"), n.get("fqn"), n.get("target")):
+            if isinstance(key, str):
+                by_name.setdefault(key, (i, n))
+    out = {}
+    for fqn in plan.param_placements:
+        flat = fqn.replace(".", "_")
+        for key in (fqn, f"p_{flat}", flat):
+            if key in by_name:
+                out[fqn] = by_name[key]
+                break
+    return out
+
+
+def _node_for_param(plan: Plan, fqn: str) -> dict | None:
+    hit = param_nodes(plan).get(fqn)
+    return None if hit is None else hit[1]
+
+
+def _fmt_index_set(values: set[int]) -> str:
+    vals = sorted(values)
+    runs: list[str] = []
+    start = prev = vals[0]
+    for v in vals[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        runs.append(str(start) if start == prev else f"{start}..{prev}")
+        if v is not None:
+            start = prev = v
+    return "{" + ",".join(runs) + "}"
+
+
+def group_names(items: list[tuple[str, Any]]) -> list[tuple[str, Any, int]]:
+    """Collapse names that differ only in numeric components and share the same value.
+
+    ``[("h.0.w", v), ("h.1.w", v)]`` -> ``[("h.{0..1}.w", v, 2)]``. Numeric positions are collapsed
+    from the innermost out, so nested indexes (layers x experts) collapse into rectangles.
+    Returns ``(display_name, value, count)`` in first-seen order.
+    """
+    # Each entry: parts (str or frozenset of ints), value key, value, first index, count.
+    entries = []
+    for i, (name, value) in enumerate(items):
+        parts = tuple(frozenset([int(p)]) if p.isdigit() else p for p in name.split("."))
+        entries.append((parts, repr(value), value, i, 1))
+    max_len = max((len(e[0]) for e in entries), default=0)
+    for pos in reversed(range(max_len)):
+        merged: dict[Any, list] = {}
+        order: list[Any] = []
+        for parts, vkey, value, first, count in entries:
+            if pos < len(parts) and isinstance(parts[pos], frozenset):
+                key = (parts[:pos], parts[pos + 1 :], len(parts), vkey)
+            else:
+                key = ("#", first)  # not collapsible at this position: keep as is
+            if key in merged:
+                m = merged[key]
+                m[0] = m[0][:pos] + (m[0][pos] | parts[pos],) + m[0][pos + 1 :]
+                m[3] = min(m[3], first)
+                m[4] += count
+            else:
+                merged[key] = [parts, vkey, value, first, count]
+                order.append(key)
+        entries = [tuple(merged[k]) for k in order]
+    entries.sort(key=lambda e: e[3])
+    out = []
+    for parts, _, value, _, count in entries:
+        name = ".".join(p if isinstance(p, str) else (str(next(iter(p))) if len(p) == 1 else _fmt_index_set(p)) for p in parts)
+        out.append((name, value, count))
+    return out
+
+
+def _hardware(name: str):
+    try:
+        from .cost_models.hardware import load_hardware
+
+        return load_hardware(name)
+    except Exception:  # the report still works without the preset (e.g. a plan from elsewhere)
+        return None
+
+
+def collective_totals(plan: Plan) -> dict[tuple[str, str, str], list]:
+    """(phase, op, axis) -> [count, total bytes, total seconds]."""
+    totals: dict[tuple[str, str, str], list] = defaultdict(lambda: [0, 0, 0.0])
+    for c in plan.collectives:
+        t = totals[(str(c.get("phase") or "-"), c["op"], c["axis"])]
+        t[0] += 1
+        t[1] += c["bytes"]
+        t[2] += c["time_s"]
+    return dict(sorted(totals.items()))
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole and math.isfinite(whole) else "-"
+
+
+# ---- inspect -----------------------------------------------------------------------------------
+
+
+def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
+    s = plan.solver
+    devices = math.prod(plan.mesh.values()) if plan.mesh else 0
+    solve = s.get("solve_time_s")
+    header = [
+        ["model", plan.model],
+        ["mode", plan.mode],
+        ["mesh", f"{fmt_mesh(plan.mesh)} ({devices} devices)"],
+        ["hardware", plan.hardware],
+        ["graph hash", plan.graph_hash],
+        ["plan hash", plan.hash()],
+        [
+            "solver",
+            f"{s.get('name', '?')}: {s.get('status', '?')}"
+            + (f" in {format_seconds(solve)}" if isinstance(solve, (int, float)) else ""),
+        ],
+        ["step time", format_seconds(plan.step_time_s)],
+        ["peak memory", format_bytes(plan.peak_memory_bytes)],
+    ]
+    sections = [Section("Plan", ["field", "value"], header)]
+
+    axes = list(plan.mesh)
+    pnodes = param_nodes(plan)
+    # Graph order (JSON sorts the dict keys); parameters without a node go last, by name.
+    fqns = sorted(plan.param_placements, key=lambda f: (pnodes[f][0], "") if f in pnodes else (len(plan.nodes), f))
+    items = [
+        (
+            fqn,
+            (
+                fmt_shape(pnodes[fqn][1].get("shape")) if fqn in pnodes else "-",
+                tuple(plan.param_placements[fqn].get(a, "-") for a in axes),
+            ),
+        )
+        for fqn in fqns
+    ]
+    rows = [[name, shape, *pls] for name, (shape, pls), _ in group_names(items)]
+    sections.append(
+        Section(
+            f"Parameter placements ({len(plan.param_placements)} parameters)",
+            ["parameter", "shape", *axes],
+            rows,
+        )
+    )
+
+    if plan.input_placements:
+        rows = [[str(i), fmt_placements(pl)] for i, pl in enumerate(plan.input_placements)]
+        sections.append(Section("Input placements", ["input", "placements"], rows))
+
+    rows = [
+        [phase, op, axis, str(n), format_bytes(b), format_seconds(t)]
+        for (phase, op, axis), (n, b, t) in collective_totals(plan).items()
+    ]
+    sections.append(
+        Section(
+            f"Collectives ({len(plan.collectives)} in all)",
+            ["phase", "op", "axis", "count", "bytes", "time"],
+            rows,
+            right={3, 4, 5},
+        )
+    )
+    ranked = sorted(plan.collectives, key=lambda c: -c["time_s"])[:top]
+    rows = [
+        [
+            str(c.get("phase") or "-"),
+            c["op"],
+            c["axis"],
+            str(c.get("tensor") or "-"),
+            str(c.get("node") or "-"),
+            fmt_transition(c),
+            format_bytes(c["bytes"]),
+            format_seconds(c["time_s"]),
+        ]
+        for c in ranked
+    ]
+    sections.append(
+        Section(
+            f"Top {len(ranked)} collectives by time",
+            ["phase", "op", "axis", "tensor", "consumer", "src -> dst", "bytes", "time"],
+            rows,
+            right={6, 7},
+        )
+    )
+
+    hw = _hardware(plan.hardware)
+    capacity = getattr(hw, "memory_capacity_bytes", None) if hw is not None else None
+    rows = [[k, format_bytes(v), _pct(v, capacity)] for k, v in plan.memory.items()]
+    rows.append(["total", format_bytes(sum(plan.memory.values())), _pct(sum(plan.memory.values()), capacity)])
+    rows.append(["peak", format_bytes(plan.peak_memory_bytes), _pct(plan.peak_memory_bytes, capacity)])
+    notes = [
+        f"capacity of one {plan.hardware} device: {format_bytes(capacity)}"
+        if capacity
+        else f"capacity unknown: no hardware preset {plan.hardware!r} here"
+    ]
+    if capacity and plan.peak_memory_bytes > capacity:
+        notes.append("peak memory EXCEEDS device capacity")
+    sections.append(Section("Memory per device", ["kind", "bytes", "of capacity"], rows, right={1, 2}, notes=notes))
+
+    rows = [[k, format_seconds(v), _pct(v, plan.step_time_s)] for k, v in plan.time_breakdown.items()]
+    rows.append(["step (predicted)", format_seconds(plan.step_time_s), _pct(plan.step_time_s, plan.step_time_s)])
+    sections.append(Section("Predicted step time", ["part", "time", "of step"], rows, right={1, 2}))
+
+    sections.append(Section(f"Warnings ({len(plan.warnings)})", [], [], notes=[f"- {w}" for w in plan.warnings] or ["(none)"]))
+    return sections
+
+
+def _svg_bars(items: list[tuple[str, float]], total: float) -> str:
+    """A horizontal bar chart, one bar per item, scaled to the largest of the items and ``total``."""
+    scale = max([v for _, v in items] + [total, 1e-30])
+    label_w, bar_w, row_h = 160, 420, 24
+    height = row_h * len(items) + 8
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + 120}" height="{height}" role="img">']
+    for i, (name, v) in enumerate(items):
+        y = 4 + i * row_h
+        w = max(0.0, bar_w * v / scale) if math.isfinite(v) else 0.0
+        out.append(f'<text x="0" y="{y + 16}" font-size="13">{html.escape(name)}</text>')
+        out.append(f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 8}" fill="#4878a8"/>')
+        out.append(f'<text x="{label_w + w + 6:.1f}" y="{y + 16}" font-size="12">{html.escape(format_seconds(v))}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def render_html(plan: Plan, sections: list[Section]) -> str:
+    body = []
+    for s in sections:
+        body.append(f"<h2>{html.escape(s.title)}</h2>")
+        if s.title == "Predicted step time":
+            items = list(plan.time_breakdown.items()) + [("step (predicted)", plan.step_time_s)]
+            body.append(_svg_bars(items, plan.step_time_s))
+        if s.headers:
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in s.headers)
+            rows = "".join(
+                "<tr>"
+                + "".join(
+                    f'<td class="num">{html.escape(c)}</td>' if i in s.right else f"<td>{html.escape(c)}</td>"
+                    for i, c in enumerate(r)
+                )
+                + "</tr>"
+                for r in s.rows
+            )
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        body.extend(f"<p>{html.escape(n)}</p>" for n in s.notes)
+    title = html.escape(f"autopar plan: {plan.model} on {fmt_mesh(plan.mesh)} ({plan.hardware})")
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:80em}"
+        "table{border-collapse:collapse;margin-bottom:1em}"
+        "th,td{border:1px solid #ccc;padding:2px 8px;font-family:monospace;text-align:left}"
+        "td.num{text-align:right}th{background:#eee}"
+    )
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>{title}</title><style>{style}</style></head>\n<body>\n<h1>{title}</h1>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def cmd_inspect(args) -> int:
+    plan = Plan.load(args.plan)
+    if args.json:
+        print(plan.to_json())
+    sections = inspect_sections(plan)
+    if args.html:
+        _write_text(args.html, render_html(plan, sections))
+        print(f"wrote HTML report to {args.html}", file=sys.stderr)
+    if not args.json:
+        sys.stdout.write(render_text(sections))
+    return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise AutoparError(f"cannot write {path!r}: directory {str(p.parent)!r} does not exist")
+    if p.is_dir():
+        raise AutoparError(f"cannot write {path!r}: it is a directory")
+    p.write_text(text, encoding="utf-8")
+
+
+# ---- explain -----------------------------------------------------------------------------------
+
+
+def cmd_explain(args) -> int:
+    plan = Plan.load(args.plan)
+    target = args.target
+    node_by_name = {n["name"]: n for n in plan.nodes}
+    known = set(plan.param_placements) | set(node_by_name) | set(plan.explanations)
+    if target not in known:
+        close = difflib.get_close_matches(target, sorted(known), n=5, cutoff=0.5)
+        hint = f"; close matches: {', '.join(close)}" if close else "; list targets with `autopar inspect`"
+        raise AutoparError(f"{target!r} is neither a parameter nor a graph node of this plan{hint}")
+
+    lines = [f"{target}"]
+    names = {target}
+    if target in plan.param_placements:
+        lines.append(f"  parameter placement: {fmt_placements(plan.param_placements[target])}")
+        node = _node_for_param(plan, target)
+        if node is not None:
+            names.add(node["name"])
+    else:
+        node = node_by_name.get(target)
+    if node is not None:
+        lines.append(f"  node: {node['name']} = {node['op']}")
+        lines.append(f"  shape: {fmt_shape(node.get('shape'))}  dtype: {node.get('dtype', '-')}")
+        lines.append(f"  placements: {fmt_placements(node.get('placements'))}")
+        if node.get("inputs"):
+            lines.append(f"  input placements: {fmt_placements(node['inputs'])}")
+        if node.get("source"):
+            lines.append(f"  sharding rule from: {node['source']}")
+        if "compute_s" in node:
+            lines.append(f"  compute: {format_seconds(node['compute_s'])}")
+    print("\n".join(lines))
+
+    expl = next((plan.explanations[n] for n in (target, *sorted(names)) if n in plan.explanations), None)
+    print()
+    if expl is None:
+        print("no recorded explanation for this target (the solver records explanations for chosen decisions only)")
+    else:
+        print(f"chosen: {_fmt_choice(expl.get('chosen'))}")
+        if expl.get("reason"):
+            print(f"reason: {expl['reason']}")
+        alts = expl.get("alternatives") or []
+        if alts:
+            alts = sorted(alts, key=lambda a: (a.get("cost_s") is None, a.get("cost_s") or 0.0))
+            headers, right = ["alternative", "cost"], {1}
+            with_delta = any(isinstance(a.get("delta_s"), (int, float)) for a in alts)
+            with_note = any(a.get("note") or a.get("reason") for a in alts)
+            if with_delta:
+                headers.append("vs chosen")
+                right.add(2)
+            if with_note:
+                headers.append("note")
+            rows = []
+            for a in alts:
+                cost = a.get("cost_s")
+                row = [_fmt_choice(a.get("placements")), format_seconds(cost) if isinstance(cost, (int, float)) else "-"]
+                if with_delta:
+                    d = a.get("delta_s")
+                    row.append(("+" if d > 0 else "") + format_seconds(d) if isinstance(d, (int, float)) else "-")
+                if with_note:
+                    row.append(str(a.get("note") or a.get("reason") or ""))
+                rows.append(row)
+            print(render_table(headers, rows, right=right))
+
+    touching = [c for c in plan.collectives if c.get("tensor") in names or c.get("node") in names]
+    print()
+    if touching:
+        rows = [
+            [
+                str(c.get("phase") or "-"),
+                c["op"],
+                c["axis"],
+                str(c.get("tensor") or "-"),
+                str(c.get("node") or "-"),
+                fmt_transition(c),
+                format_bytes(c["bytes"]),
+                format_seconds(c["time_s"]),
+            ]
+            for c in touching
+        ]
+        print(f"collectives touching {target} ({len(touching)}):")
+        print(render_table(["phase", "op", "axis", "tensor", "consumer", "src -> dst", "bytes", "time"], rows, right={6, 7}))
+    else:
+        print(f"no collectives touch {target}")
+    return 0
+
+
+def _fmt_choice(x: Any) -> str:
+    if isinstance(x, dict):
+        return fmt_placements(x)
+    return "-" if x is None else str(x)
+
+
+# ---- diff --------------------------------------------------------------------------------------
+
+
+def cmd_diff(args) -> int:
+    a, b = Plan.load(args.a), Plan.load(args.b)
+    if a.hash() == b.hash():
+        print("plans are identical")
+        return 0
+    print(f"--- {args.a}\n+++ {args.b}\n")
+
+    rows = []
+    for name, va, vb in [
+        ("model", a.model, b.model),
+        ("mode", a.mode, b.mode),
+        ("mesh", fmt_mesh(a.mesh), fmt_mesh(b.mesh)),
+        ("hardware", a.hardware, b.hardware),
+        ("graph hash", a.graph_hash, b.graph_hash),
+    ]:
+        if va != vb:
+            rows.append([name, va, vb, ""])
+    rows.append(["step time", format_seconds(a.step_time_s), format_seconds(b.step_time_s), _delta(a.step_time_s, b.step_time_s)])
+    rows.append(
+        ["peak memory", format_bytes(a.peak_memory_bytes), format_bytes(b.peak_memory_bytes), _delta(a.peak_memory_bytes, b.peak_memory_bytes)]
+    )
+    for k in _union(a.memory, b.memory):
+        va, vb = a.memory.get(k), b.memory.get(k)
+        if va != vb:
+            rows.append([f"memory.{k}", _opt(va, format_bytes), _opt(vb, format_bytes), _delta(va, vb)])
+    for k in _union(a.time_breakdown, b.time_breakdown):
+        va, vb = a.time_breakdown.get(k), b.time_breakdown.get(k)
+        if va != vb:
+            rows.append([f"time.{k}", _opt(va, format_seconds), _opt(vb, format_seconds), _delta(va, vb)])
+    print(render_text([Section("Summary", ["", "a", "b", "change"], rows, right={3})]))
+
+    changed = []
+    for fqn in _union(a.param_placements, b.param_placements):
+        pa, pb = a.param_placements.get(fqn), b.param_placements.get(fqn)
+        if pa != pb:
+            changed.append((fqn, (_opt(pa, fmt_placements), _opt(pb, fmt_placements))))
+    rows = [[name, va, vb] for name, (va, vb), _ in group_names(changed)]
+    print(render_text([Section(f"Parameter placements that differ ({len(changed)})", ["parameter", "a", "b"], rows)]))
+
+    ta, tb = collective_totals(a), collective_totals(b)
+    rows = []
+    for key in sorted(set(ta) | set(tb)):
+        ca, cb = ta.get(key, [0, 0, 0.0]), tb.get(key, [0, 0, 0.0])
+        if ca != cb:
+            rows.append(
+                [*key, f"{ca[0]} -> {cb[0]}", f"{format_bytes(ca[1])} -> {format_bytes(cb[1])}", f"{format_seconds(ca[2])} -> {format_seconds(cb[2])}"]
+            )
+    print(render_text([Section("Collective totals that differ", ["phase", "op", "axis", "count", "bytes", "time"], rows, right={3, 4, 5})]), end="")
+    return 0
+
+
+def _union(x: dict, y: dict) -> list:
+    return list(dict.fromkeys([*x, *y]))
+
+
+def _opt(v: Any, fmt) -> str:
+    return "-" if v is None else fmt(v)
+
+
+def _delta(va: float | None, vb: float | None) -> str:
+    if va is None or vb is None:
+        return "added" if va is None else "removed"
+    if va == vb:
+        return "same"
+    if not va:
+        return "new"
+    return f"{100 * (vb - va) / va:+.1f}%"
+
+
+# ---- plan --------------------------------------------------------------------------------------
+
+
+def _progress(*args: Any, **_: Any) -> None:
+    print("autopar:", *args, file=sys.stderr, flush=True)
+
+
+def candidate_meshes(devices: int, devices_per_node: int) -> list[dict[str, int]]:
+    """Every ``{"dp": d, "tp": t}`` with ``d * t == devices`` and ``t <= devices_per_node``.
+
+    Size-1 axes are left out (``{"tp": 8}`` rather than ``{"dp": 1, "tp": 8}``).
+    """
+    out = []
+    for t in range(1, min(devices, devices_per_node) + 1):
+        if devices % t:
+            continue
+        d = devices // t
+        mesh = {k: v for k, v in (("dp", d), ("tp", t)) if v > 1} or {"dp": 1}
+        out.append(mesh)
+    return out
+
+
+def cmd_plan(args) -> int:
+    from . import models
+    from .api import plan as make_plan
+    from .mesh import Mesh
+
+    if args.devices is not None and args.devices < 1:
+        raise AutoparError(f"--devices must be a positive int, got {args.devices}")
+    model, example_inputs = models.build(args.model, batch=args.batch, seq=args.seq, device="meta")
+    options = {"mode": args.mode, "progress": _progress}
+    if args.time_limit is not None:
+        options["time_limit_s"] = args.time_limit
+
+    if args.mesh is not None:
+        mesh = Mesh.parse(args.mesh, hardware=args.hardware)
+        result = make_plan(model, mesh, example_inputs, **options)
+    else:
+        from .cost_models.hardware import load_hardware
+
+        per_node = load_hardware(args.hardware).devices_per_node
+        tried = []
+        for axes in candidate_meshes(args.devices, per_node):
+            _progress(f"planning mesh {fmt_mesh(axes)}")
+            try:
+                p = make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, **options)
+                tried.append((axes, p, None))
+            except InfeasibleError as e:
+                tried.append((axes, None, e.explanation))
+            except AutoparError as e:  # e.g. a mesh this model cannot use; keep going with the others
+                tried.append((axes, None, str(e)))
+        rows = [
+            [
+                fmt_mesh(axes),
+                format_seconds(p.step_time_s) if p else "-",
+                format_bytes(p.peak_memory_bytes) if p else "-",
+                "feasible" if p else f"infeasible: {why}",
+            ]
+            for axes, p, why in tried
+        ]
+        print(render_text([Section(f"Meshes for {args.devices} devices", ["mesh", "step time", "peak memory", "status"], rows, right={1, 2})]))
+        feasible = [(axes, p) for axes, p, _ in tried if p is not None]
+        if not feasible:
+            reasons = "; ".join(f"{fmt_mesh(axes)}: {why}" for axes, _, why in tried)
+            raise InfeasibleError(f"no mesh of {args.devices} devices is feasible for {args.model}: {reasons}")
+        axes, result = min(feasible, key=lambda x: x[1].step_time_s)
+        print(f"chosen mesh: {fmt_mesh(axes)} (fastest feasible)\n")
+
+    sys.stdout.write(render_text(inspect_sections(result)))
+    if args.out:
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise AutoparError(f"cannot write {args.out!r}: directory {str(out.parent)!r} does not exist")
+        result.save(out)
+        print(f"saved plan to {args.out}", file=sys.stderr)
+    return 0
+
+
+# ---- run ---------------------------------------------------------------------------------------
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr if addr in ("127.0.0.1", "localhost") else "", 0))
+        return s.getsockname()[1]
+
+
+def cmd_run(args, script_args: list[str]) -> int:
+    if args.nproc < 1:
+        raise AutoparError(f"--nproc must be a positive int, got {args.nproc}")
+    if not Path(args.script).is_file():
+        raise AutoparError(f"script {args.script!r} does not exist")
+    addr = args.master_addr or "127.0.0.1"  # loopback unless told otherwise
+    port = args.master_port or _free_port(addr)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(args.nproc),
+        "--master-addr",
+        addr,
+        "--master-port",
+        str(port),
+        args.script,
+        *script_args,
+    ]
+    # Ranks import the same autopar as this launcher, installed or not.
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---- not built yet -----------------------------------------------------------------------------
+
+
+def cmd_not_implemented(args) -> int:
+    print(f"autopar {args.command}: {NOT_IMPLEMENTED}", file=sys.stderr)
+    return 2
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autopar", description="Plan, inspect and run automatically parallelized PyTorch models.", allow_abbrev=False
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("plan", help="plan a model on a mesh (or choose the mesh for --devices N)", allow_abbrev=False)
+    p.add_argument("model", help="a built-in preset (gpt2, llama3-8b, ...) or path/to/file.py:factory")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mesh", help="mesh axes and sizes, outer to inner, e.g. dp=2,tp=4")
+    where.add_argument("--devices", type=int, help="number of devices; autopar chooses the dp x tp mesh")
+    p.add_argument("--hardware", default="local", help="hardware preset, e.g. h100-sxm (default: local)")
+    p.add_argument("--out", help="write the plan JSON here")
+    p.add_argument("--mode", choices=["train", "infer"], default="train")
+    p.add_argument("--batch", type=int, help="batch size (presets only)")
+    p.add_argument("--seq", type=int, help="sequence length (presets only)")
+    p.add_argument("--time-limit", type=float, help="solver time limit per plan, seconds")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("inspect", help="show a plan as tables (or JSON, or an HTML report)", allow_abbrev=False)
+    p.add_argument("plan", help="plan JSON file")
+    p.add_argument("--json", action="store_true", help="print the plan JSON")
+    p.add_argument("--html", metavar="REPORT", help="also write a self-contained HTML report to this path")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("explain", help="say why a parameter or node was placed as it was", allow_abbrev=False)
+    p.add_argument("plan", help="plan JSON file")
+    p.add_argument("target", help="a parameter FQN or a graph node name")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("diff", help="show what changed between two plans", allow_abbrev=False)
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser(
+        "run",
+        help="launch local ranks with torch.distributed.run",
+        usage="autopar run SCRIPT --nproc N [--master-addr A] [--master-port P] [--] [script args...]",
+        allow_abbrev=False,
+    )
+    p.add_argument("script")
+    p.add_argument("--nproc", type=int, required=True, help="number of local ranks")
+    p.add_argument("--master-addr", help="rendezvous address (default: 127.0.0.1, loopback only)")
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: a free port)")
+    p.set_defaults(func=cmd_run)
+
+    for name, what in (("profile", "measure ops and collectives"), ("validate", "run a plan and compare predicted with measured")):
+        p = sub.add_parser(name, help=f"{what} (not implemented yet)", allow_abbrev=False)
+        p.set_defaults(func=cmd_not_implemented)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command not in ("run", "profile", "validate"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        if args.command == "run":
+            if extra[:1] == ["--"]:
+                extra = extra[1:]
+            return cmd_run(args, extra)
+        return args.func(args)
+    except AutoparError as e:
+        print(f"autopar: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

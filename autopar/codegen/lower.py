@@ -1,0 +1,166 @@
+"""Lower a plan onto the traced graph: one program that every rank runs on its own shards.
+
+The lowered program is an fx graph over DTensors. Every data movement the plan chose is an
+explicit node:
+
+* ``from_full(x, placements)``: a full input (or buffer) becomes this rank's shard; slicing only;
+* ``redistribute(x, placements)``: a collective (all-reduce, all-gather, reduce-scatter,
+  all-to-all), with the predicted collectives in ``node.meta["autopar.collectives"]``;
+* ``local_call(op, placements, ...)``: ops that autopar shards with its own rules (attention)
+  or runs replicated (ops without a rule, factory ops) run on local tensors;
+* ``to_full(x)``: an output leaves the program as a full, replicated tensor.
+
+Every other ATen op runs through DTensor on inputs already in the placements its strategy
+requires, so DTensor computes locally and inserts nothing; ``check`` nodes verify after each op
+that the output placement is the planned one, and record a fix-up if it is not.
+
+Backward needs no separate program: autograd transposes every node (the backward of an
+all-gather is a reduce-scatter, of ``to_full`` a local slice), and parameter gradients are
+brought to their parameter's placement by ``runtime.sync_gradients`` (data parallelism's
+all-reduce, or ZeRO's reduce-scatter).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ..passes.strategies import SKIP_OPS, OWN_RULES, op_name, tensor_inputs
+from ..placements import parse
+from ..passes.trace import TracedGraph
+
+META_COLL = "autopar.collectives"
+
+
+# Marker targets: the executor (runtime.Executor) gives them meaning with the live mesh.
+def from_full(x, placements):
+    raise RuntimeError("autopar lowered graphs run under autopar.codegen.runtime.Executor")
+
+
+def redistribute(x, placements):
+    raise RuntimeError("autopar lowered graphs run under autopar.codegen.runtime.Executor")
+
+
+def local_call(op, placements, args, kwargs):
+    raise RuntimeError("autopar lowered graphs run under autopar.codegen.runtime.Executor")
+
+
+def check(x, placements, name):
+    raise RuntimeError("autopar lowered graphs run under autopar.codegen.runtime.Executor")
+
+
+def to_full(x):
+    raise RuntimeError("autopar lowered graphs run under autopar.codegen.runtime.Executor")
+
+
+MARKERS = (from_full, redistribute, local_call, check, to_full)
+
+
+def _pl(d: dict, axes) -> tuple:
+    return tuple(parse(d[a]) for a in axes)
+
+
+def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
+    """Build the lowered program from ``tg`` and the plan's per-node placements.
+
+    ``collectives_of(src, dst, shape, itemsize)`` returns the predicted collectives of one
+    redistribution (the same pure planner the cost model used).
+    """
+    axes = list(plan.mesh)
+    by_name = {n["name"]: n for n in plan.nodes}
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placed: dict[fx.Node, tuple] = {}  # new node -> its planned placements (single tensor)
+
+    def out_pls(name, idx=0):
+        p = by_name[name]["placements"]
+        p = p[idx] if isinstance(p, list) else p
+        return None if p is None else _pl(p, axes)
+
+    def move(new_in: fx.Node, src_meta_node: fx.Node, want: tuple) -> fx.Node:
+        have = placed.get(new_in)
+        if have is None or have == want:
+            return new_in
+        val = src_meta_node.meta["val"]
+        r = g.call_function(redistribute, (new_in, tuple(map(str, want))))
+        r.meta[META_COLL] = [c.__dict__ if hasattr(c, "__dict__") else dict(c._asdict()) if hasattr(c, "_asdict") else c
+                             for c in collectives_of(have, want, tuple(val.shape), val.element_size())]
+        r.meta["val"] = val
+        placed[r] = want
+        return r
+
+    for node in tg.gm.graph.nodes:
+        if node.op == "placeholder":
+            p = g.placeholder(node.name)
+            p.meta["val"] = node.meta.get("val")
+            want = out_pls(node.name)
+            if node.name in tg.params:
+                env[node] = p
+            else:
+                env[node] = g.call_function(from_full, (p, tuple(map(str, want))))
+                env[node].meta["val"] = node.meta.get("val")
+            placed[env[node]] = want
+            continue
+        if node.op == "call_function" and node.target is operator.getitem:
+            src = env[node.args[0]]
+            new = g.call_function(operator.getitem, (src, node.args[1]))
+            new.meta["val"] = node.meta.get("val")
+            producer = node.args[0]
+            while producer.op == "call_function" and producer.target is operator.getitem:
+                producer = producer.args[0]
+            pl = out_pls(producer.name, node.args[1]) if isinstance(by_name[producer.name]["placements"], list) else out_pls(producer.name)
+            if pl is not None:
+                placed[new] = pl
+            env[node] = new
+            continue
+        if node.op == "call_function" and op_name(node) in SKIP_OPS:
+            continue
+        entry = by_name[node.name]
+        wants = [_pl(d, axes) for d in entry["inputs"]]
+        ins = tensor_inputs(node) if node.op == "call_function" else [
+            a for a in pytree.tree_leaves(node.args) if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+        moved = {}
+        for k, a in enumerate(ins):
+            moved.setdefault(a, []).append(move(env[a], a, wants[k]))
+        counters = {a: 0 for a in moved}
+
+        def sub(a):
+            if isinstance(a, fx.Node):
+                if a in moved:
+                    r = moved[a][counters[a]]
+                    counters[a] = min(counters[a] + 1, len(moved[a]) - 1)
+                    return r
+                return env[a]
+            return a
+
+        args, kwargs = pytree.tree_map_only(fx.Node, sub, (node.args, node.kwargs))
+        if node.op == "output":
+            outs = pytree.tree_map_only(fx.Node, lambda a: g.call_function(to_full, (a,)), args[0])
+            g.output(outs)
+            continue
+        pls = entry["placements"]
+        pls_str = [None if p is None else tuple(p[a] for a in axes) for p in (pls if isinstance(pls, list) else [pls])]
+        if entry.get("source") in ("autopar", "fallback", "factory") or op_name(node) in OWN_RULES:
+            new = g.call_function(local_call, (node.target, tuple(pls_str), tuple(args), kwargs))
+        else:
+            new = g.call_function(node.target, tuple(args), kwargs)
+            new.meta["val"] = node.meta.get("val")
+            new = g.call_function(check, (new, tuple(pls_str), node.name))
+        new.meta["val"] = node.meta.get("val")
+        if not isinstance(pls, list):
+            placed[new] = out_pls(node.name)
+        env[node] = new
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def count_collectives(gm: fx.GraphModule) -> dict[tuple[str, str], int]:
+    """(op, axis) -> number of forward collectives in a lowered program."""
+    counts: dict[tuple[str, str], int] = {}
+    for n in gm.graph.nodes:
+        for c in n.meta.get(META_COLL, ()):
+            key = (c["op"], c["axis"])
+            counts[key] = counts.get(key, 0) + 1
+    return counts

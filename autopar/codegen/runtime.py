@@ -1,0 +1,184 @@
+"""Run a lowered program on torch.distributed: the ParallelModule.
+
+Nothing here decides anything: placements come from the plan, collectives from the lowered
+graph. The same code runs on gloo (CPU) and NCCL (GPU); only the DeviceMesh differs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from ..errors import AutoparError, PlanError
+from ..placements import parse
+from ..passes.strategies import to_dtensor_placement
+from . import lower as L
+
+
+def _placements(strs) -> tuple:
+    return tuple(to_dtensor_placement(parse(s)) for s in strs)
+
+
+def _same(actual, planned) -> bool:
+    from torch.distributed.tensor import Partial
+
+    for a, p in zip(actual, planned):
+        if isinstance(a, Partial) and isinstance(p, Partial):
+            if a.reduce_op != p.reduce_op:
+                return False
+        elif a != p:
+            return False
+    return True
+
+
+class Executor(fx.Interpreter):
+    """Interprets a lowered graph, giving the marker nodes their meaning on ``mesh``."""
+
+    def __init__(self, gm: fx.GraphModule, mesh, fixups: list):
+        super().__init__(gm, garbage_collect_values=True)
+        self.mesh = mesh
+        self.fixups = fixups
+
+    def call_function(self, target, args, kwargs):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        if target is L.redistribute:
+            x, pls = args
+            return x.redistribute(self.mesh, _placements(pls))
+        if target is L.from_full:
+            x, pls = args
+            if isinstance(x, DTensor):
+                return x.redistribute(self.mesh, _placements(pls))
+            rep = DTensor.from_local(x, self.mesh, [Replicate()] * self.mesh.ndim, run_check=False)
+            return rep.redistribute(self.mesh, _placements(pls))
+        if target is L.to_full:
+            (x,) = args
+            if isinstance(x, DTensor):
+                if any(not isinstance(p, Replicate) for p in x.placements):
+                    x = x.redistribute(self.mesh, [Replicate()] * self.mesh.ndim)
+                return x.to_local()
+            return x
+        if target is L.check:
+            x, pls, name = args
+            if isinstance(x, DTensor) and pls and pls[0] is not None:
+                want = _placements(pls[0])
+                if not _same(x.placements, want):
+                    self.fixups.append(f"{name}: DTensor produced {x.placements}, plan says {want}")
+                    x = x.redistribute(self.mesh, want)
+            return x
+        if target is L.local_call:
+            op, pls, op_args, op_kwargs = args
+            local_args, local_kwargs = pytree.tree_map_only(DTensor, lambda t: t.to_local(), (op_args, op_kwargs))
+            out = op(*local_args, **local_kwargs)
+            if isinstance(out, (tuple, list)):
+                return type(out)(o if not isinstance(o, torch.Tensor) or p is None else
+                                 DTensor.from_local(o, self.mesh, _placements(p), run_check=False)
+                                 for o, p in zip(out, pls))
+            return DTensor.from_local(out, self.mesh, _placements(pls[0]), run_check=False)
+        return super().call_function(target, args, kwargs)
+
+
+def sync_gradients(param) -> None:
+    """After backward, bring a parameter's gradient to the parameter's placement.
+
+    A gradient computed from data-sharded activations is ``P(sum)`` on the data axis; this is
+    where data parallelism's all-reduce (or ZeRO's reduce-scatter) happens.
+    """
+    g = param.grad
+    if g is not None and tuple(g.placements) != tuple(param.placements):
+        param.grad = g.redistribute(param.device_mesh, param.placements)
+
+
+class ParallelModule(nn.Module):
+    """The user's model, run as the plan says. Parameters keep their FQNs and are DTensors."""
+
+    def __init__(self, model: nn.Module, plan, traced, lowered: fx.GraphModule, device_mesh):
+        super().__init__()
+        from torch.distributed.tensor import distribute_tensor
+
+        # The model's own children become ours, so that named_parameters() keeps the FQNs.
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_autopar", {
+            "plan": plan, "traced": traced, "lowered": lowered, "mesh": device_mesh, "fixups": [],
+            "root_cls": type(model).__name__})
+        replaced: dict[int, nn.Parameter] = {}
+        axes = list(plan.mesh)
+        for fqn, p in list(model.named_parameters(remove_duplicate=False)):
+            if id(p) not in replaced:
+                pls = plan.param_placements.get(fqn)
+                if pls is None:
+                    raise PlanError(f"the plan has no placement for parameter {fqn!r}", f"$.param_placements[{fqn!r}]")
+                dt = distribute_tensor(p.detach(), device_mesh, _placements([pls[a] for a in axes]), src_data_rank=None)
+                newp = nn.Parameter(dt, requires_grad=p.requires_grad)
+                newp.register_post_accumulate_grad_hook(sync_gradients)
+                replaced[id(p)] = newp
+            owner, _, leaf = fqn.rpartition(".")
+            target = self.get_submodule(owner) if owner else self
+            if owner == "" and leaf not in self._parameters:
+                self.register_parameter(leaf, replaced[id(p)])
+            else:
+                setattr(target, leaf, replaced[id(p)])
+        for fqn, b in model.named_buffers():
+            if "." not in fqn:
+                self.register_buffer(fqn, b)
+
+    @property
+    def plan(self):
+        return self._autopar["plan"]
+
+    @property
+    def lowered_graph(self) -> fx.GraphModule:
+        """The rank-local program, with every collective an explicit node."""
+        return self._autopar["lowered"]
+
+    @property
+    def runtime_fixups(self) -> list[str]:
+        """Places where DTensor produced a placement other than the plan's (should stay empty)."""
+        return self._autopar["fixups"]
+
+    def forward(self, *args, **kwargs):
+        st = self._autopar
+        tg = st["traced"]
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != tg.in_spec:
+            raise AutoparError(
+                f"inputs do not have the structure the model was compiled with: got {spec}, expected {tg.in_spec}; "
+                "call autopar.compile again with matching example_inputs")
+        placeholders = [n for n in tg.gm.graph.nodes if n.op == "placeholder"]
+        params = dict(self.named_parameters(remove_duplicate=False))
+        buffers = dict(self.named_buffers(remove_duplicate=False))
+        user = iter(flat)
+        feed = []
+        for n in placeholders:
+            if n.name in tg.params:
+                feed.append(params[tg.params[n.name]])
+            elif n.name in tg.buffers:
+                feed.append(buffers[tg.buffers[n.name]])
+            elif n.name in tg.constants:
+                feed.append(tg.constants[n.name])
+            else:
+                x = next(user)
+                want = n.meta.get("val")
+                if isinstance(want, torch.Tensor) and isinstance(x, torch.Tensor) and (tuple(x.shape) != tuple(want.shape) or x.dtype != want.dtype):
+                    raise AutoparError(
+                        f"input {n.name!r} has shape {tuple(x.shape)} and dtype {x.dtype}, but the model was compiled for "
+                        f"{tuple(want.shape)} {want.dtype}; call autopar.compile again with example inputs of this shape")
+                feed.append(x)
+        out = Executor(st["lowered"], st["mesh"], st["fixups"]).run(*feed)
+        return pytree.tree_unflatten(out, tg.out_spec)
+
+    def save_checkpoint(self, path) -> None:
+        """Save sharded parameters and buffers with torch.distributed.checkpoint (no pickling)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self.state_dict(), checkpoint_id=str(path))
+
+    def load_checkpoint(self, path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state = self.state_dict()
+        dcp.load(state, checkpoint_id=str(path))
+        self.load_state_dict(state)

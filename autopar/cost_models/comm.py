@@ -1,0 +1,146 @@
+"""Communication cost: α-β ring collectives per mesh axis, and the pure redistribution planner.
+
+Ring model (nccl-tests PERFORMANCE.md), n ranks, S bytes, link latency α and bandwidth bw:
+
+=================  ======================================  ==========================
+op                 time                                    S is
+=================  ======================================  ==========================
+all_reduce         2(n−1)α + 2((n−1)/n)·S/bw               the buffer
+all_gather         (n−1)α + ((n−1)/n)·S/bw                 the gathered output
+reduce_scatter     (n−1)α + ((n−1)/n)·S/bw                 the unscattered input
+all_to_all         (n−1)α + ((n−1)/n)·S/bw                 one rank's buffer
+send_recv          α + S/bw                                the message
+=================  ======================================  ==========================
+
+The factors 2(n−1)/n and (n−1)/n are nccl-tests' "bus bandwidth" factors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from autopar.cost_models.hardware import Hardware, Link
+from autopar.placements import REPLICATE, Placement, local_shape, parse
+
+# op -> (latency steps per (n−1), bandwidth factor per (n−1)/n); send_recv is special-cased.
+_RING = {"all_reduce": (2, 2), "all_gather": (1, 1), "reduce_scatter": (1, 1), "all_to_all": (1, 1)}
+COLLECTIVE_OPS = frozenset(_RING) | {"send_recv"}
+
+
+def axis_links(axes: dict[str, int], hw: Hardware) -> dict[str, Link]:
+    """Which link each mesh axis (ordered outer -> inner) runs on.
+
+    An axis fits in a node when size(axis) · Π size(inner axes) <= hw.devices_per_node; then it uses
+    ``hw.intra_node``, otherwise ``hw.inter_node``.
+    """
+    links, span = {}, 1
+    for name in reversed(list(axes)):
+        span *= axes[name]
+        links[name] = hw.intra_node if span <= hw.devices_per_node else hw.inter_node
+    return {name: links[name] for name in axes}
+
+
+def collective_time(op: str, nbytes: float, n: int, link: Link) -> float:
+    """Seconds for collective ``op`` of ``nbytes`` among ``n`` ranks on ``link`` (see module table)."""
+    if op not in COLLECTIVE_OPS:
+        raise ValueError(f"unknown collective {op!r}; expected one of {sorted(COLLECTIVE_OPS)}")
+    if n <= 1:
+        return 0.0
+    if op == "send_recv":
+        return link.latency_s + nbytes / link.bandwidth_Bps
+    steps, factor = _RING[op]
+    return steps * (n - 1) * link.latency_s + factor * (n - 1) / n * nbytes / link.bandwidth_Bps
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective on one mesh axis: ``bytes`` as :func:`collective_time` counts them."""
+
+    op: str
+    axis: str
+    bytes: int
+    time_s: float
+
+
+def redistribute_collectives(src: tuple, dst: tuple, shape: tuple[int, ...], itemsize: int,
+                             axes: dict[str, int], links: dict[str, Link]) -> tuple[Collective, ...]:
+    """Collectives that move a tensor of global ``shape`` from placements ``src`` to ``dst``.
+
+    ``src``/``dst`` hold one Placement (or its string form) per mesh axis, in ``axes`` order. Axes are
+    processed innermost first; on each axis a with src[a] != dst[a], B is the local byte size with
+    a itself unsharded and every other axis at its current placement, and
+
+    ==============  ======================  ==============  ======================
+    src -> dst      collective              src -> dst      collective
+    ==============  ======================  ==============  ======================
+    P -> R          all_reduce(B)           R -> S(d)       none (local slice)
+    P -> S(d)       reduce_scatter(B)       R -> P          none
+    S(d) -> R       all_gather(B)           S(d) -> P       all_gather(B)
+    S(d) -> S(e)    all_to_all(B / n)       P(x) -> P(y)    ValueError
+    ==============  ======================  ==============  ======================
+
+    Axes of size 1 cost nothing. Pure and cached: the cost model and codegen share it.
+    """
+    src, dst = tuple(_placements(src, len(shape))), tuple(_placements(dst, len(shape)))
+    if not len(src) == len(dst) == len(axes):
+        raise ValueError(f"need one placement per mesh axis {list(axes)}: got src={_fmt(src)}, dst={_fmt(dst)}")
+    missing = [a for a in axes if a not in links]
+    if missing:
+        raise ValueError(f"no link for mesh axes {missing}; links has {list(links)}")
+    return _plan(src, dst, tuple(shape), itemsize, tuple(axes.items()), tuple(links[a] for a in axes))
+
+
+def redistribute_time(src: tuple, dst: tuple, shape: tuple[int, ...], itemsize: int,
+                      axes: dict[str, int], links: dict[str, Link]) -> float:
+    """Total seconds of :func:`redistribute_collectives` (they run one after another)."""
+    return sum(c.time_s for c in redistribute_collectives(src, dst, shape, itemsize, axes, links))
+
+
+@lru_cache(maxsize=65536)
+def _plan(src, dst, shape, itemsize, axes, links) -> tuple[Collective, ...]:
+    sizes = tuple(n for _, n in axes)
+    current = list(src)
+    out = []
+    for a in reversed(range(len(axes))):
+        s, d = current[a], dst[a]
+        if s == d:
+            continue
+        name, n = axes[a]
+        current[a] = d
+        op = _transition(s, d)
+        if op is None or n == 1:
+            continue
+        without_a = tuple(REPLICATE if i == a else p for i, p in enumerate(current))
+        nbytes = math.prod(local_shape(shape, without_a, sizes)) * itemsize
+        if op == "all_to_all":
+            nbytes = -(-nbytes // n)
+        out.append(Collective(op, name, nbytes, collective_time(op, nbytes, n, links[a])))
+    return tuple(out)
+
+
+def _transition(s: Placement, d: Placement) -> str | None:
+    """The collective for one axis going from ``s`` to ``d`` (s != d); None when it is local."""
+    if s.kind == "P":
+        if d.kind == "P":
+            raise ValueError(f"cannot redistribute {s} -> {d}: partial reductions with different ops")
+        return "all_reduce" if d.kind == "R" else "reduce_scatter"
+    if s.kind == "S":
+        return "all_to_all" if d.kind == "S" else "all_gather"
+    return None  # R -> S(d) slices locally; R -> P keeps the value on one rank (or divides it)
+
+
+def _placements(items, ndim: int):
+    """Parse strings and wrap negative shard dims, so S(-1) and S(ndim-1) are the same placement."""
+    for p in items:
+        p = parse(p) if isinstance(p, str) else p
+        if p.kind == "S":
+            if not -ndim <= p.dim < ndim:
+                raise ValueError(f"placement {p} is out of range for a {ndim}-d tensor")
+            p = p._replace(dim=p.dim % ndim)
+        yield p
+
+
+def _fmt(placements) -> str:
+    return "(" + ", ".join(map(str, placements)) + ")"

@@ -1,0 +1,160 @@
+"""Trace a model to an ATen graph with shapes and dtypes as FakeTensor meta.
+
+``trace`` runs ``torch.export`` and then decomposes to core ATen, keeping
+``scaled_dot_product_attention`` whole (autopar has its own attention rule, and the math
+decomposition would replace one shardable op with a dozen masks and matmuls).
+
+The forward graph is what autopar plans and lowers for both modes: in ``mode="train"`` the
+backward pass is the autograd transpose of each forward op, and its costs (compute, the
+transposed collectives, gradient synchronisation) are charged to the forward op that causes
+them (see ``passes/annotate.py``). ``trace_joint`` builds the explicit joint forward+backward
+graph for inspection and for counting backward work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ..errors import TraceError
+
+META = "autopar."  # namespace of the keys autopar puts in node.meta
+
+
+@dataclass
+class TracedGraph:
+    """The forward ATen graph and how its placeholders map to the model."""
+
+    gm: fx.GraphModule
+    in_spec: pytree.TreeSpec  # of (args, kwargs)
+    out_spec: pytree.TreeSpec
+    params: dict[str, str]  # placeholder name -> parameter FQN
+    buffers: dict[str, str]  # placeholder name -> buffer FQN
+    constants: dict[str, torch.Tensor]  # placeholder name -> lifted constant tensor
+    user_inputs: list[str]  # placeholder names, in flattened input order
+    graph_hash: str
+    model_name: str
+    warnings: list[str] = field(default_factory=list)
+
+
+_HINTS = [
+    (r"data.dependent|GuardOnDataDependent|could not guard on data-dependent",
+     "the model branches on a tensor's value; use torch.where or torch.cond instead of Python `if` on tensors"),
+    (r"\.item\(\)|_local_scalar_dense",
+     "the model calls .item() or converts a tensor to a Python number; keep the value as a tensor"),
+    (r"Unsupported|unsupported",
+     "the model uses a Python construct torch.export cannot capture; move it out of forward() or rewrite it with torch ops"),
+    (r"mutat|in-place|inplace",
+     "the model mutates an input or global state inside forward(); make forward() functional"),
+]
+
+
+def _explain_export_failure(model: torch.nn.Module, exc: BaseException) -> TraceError:
+    text = f"{type(exc).__name__}: {exc}"
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    user_frames = [ln.strip() for ln in text.splitlines()
+                   if ln.strip().startswith("File \"") and "/torch/" not in ln and "/transformers/" not in ln]
+    where = f" at {user_frames[-1]}" if user_frames else ""
+    hint = next((h for pat, h in _HINTS if re.search(pat, text)), "simplify forward() until torch.export.export(model, example_inputs) succeeds")
+    return TraceError(
+        f"torch.export could not trace {type(model).__name__}{where}: {first[:500]}\n"
+        f"hint: {hint}"
+    )
+
+
+def _decomposition_table():
+    from torch._decomp import core_aten_decompositions
+
+    table = core_aten_decompositions()
+    for op in list(table):
+        if "scaled_dot_product" in str(op):
+            del table[op]
+    return table
+
+
+def _check_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TraceError(
+            f"example_inputs must be a tuple of the model's positional inputs, got {type(example_inputs).__name__}; "
+            "wrap a single tensor as (x,)"
+        )
+    return tuple(example_inputs)
+
+
+def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = None) -> TracedGraph:
+    """Export ``model`` on ``example_inputs`` and decompose it to core ATen (sdpa kept whole)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"autopar needs an nn.Module, got {type(model).__name__}")
+    args = _check_inputs(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False)
+        ep = ep.run_decompositions(_decomposition_table())
+    except Exception as exc:  # torch raises many unrelated types here
+        raise _explain_export_failure(model, exc) from exc
+
+    sig = ep.graph_signature
+    params = dict(sig.inputs_to_parameters)
+    buffers = dict(sig.inputs_to_buffers)
+    constants = {name: ep.constants[key] for name, key in sig.inputs_to_lifted_tensor_constants.items()}
+    user_inputs = list(sig.user_inputs)
+    gm = ep.graph_module
+    warnings = []
+    non_tensor_inputs = [n.name for n in gm.graph.nodes
+                         if n.op == "placeholder" and n.name in user_inputs and not isinstance(n.meta.get("val"), torch.Tensor)]
+    if non_tensor_inputs:
+        raise TraceError(f"inputs {non_tensor_inputs} are not tensors; pass Python values as constants, not inputs")
+    return TracedGraph(
+        gm=gm,
+        in_spec=ep.call_spec.in_spec,
+        out_spec=ep.call_spec.out_spec,
+        params=params,
+        buffers=buffers,
+        constants=constants,
+        user_inputs=user_inputs,
+        graph_hash=graph_hash(gm, params, buffers),
+        model_name=type(model).__name__,
+        warnings=warnings,
+    )
+
+
+def tensor_meta(node: fx.Node):
+    """The FakeTensor(s) a node produces: a Tensor, a tuple of Tensors/None, or None."""
+    return node.meta.get("val")
+
+
+def graph_hash(gm: fx.GraphModule, params: dict[str, str], buffers: dict[str, str]) -> str:
+    """A hash of the graph's structure: ops, shapes, dtypes, wiring and parameter names.
+
+    It is independent of process, memory addresses and parameter values, so every rank (and
+    every later run on the same model and input shapes) computes the same hash.
+    """
+    h = hashlib.sha256()
+    index = {}
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+
+        def enc(a):
+            if isinstance(a, fx.Node):
+                return f"%{index[a]}"
+            if isinstance(a, (list, tuple)):
+                return "[" + ",".join(enc(x) for x in a) + "]"
+            if isinstance(a, dict):
+                return "{" + ",".join(f"{k}:{enc(v)}" for k, v in sorted(a.items())) + "}"
+            if isinstance(a, torch.dtype | torch.device | torch.memory_format | torch.layout):
+                return str(a)
+            return repr(a)
+
+        val = tensor_meta(node)
+        vals = val if isinstance(val, (tuple, list)) else (val,)
+        shapes = ";".join(f"{tuple(v.shape)}:{v.dtype}" if isinstance(v, torch.Tensor) else "-" for v in vals)
+        name = params.get(node.name) or buffers.get(node.name) or ""
+        h.update(f"{node.op}|{node.target if node.op != 'placeholder' else name}|{enc(node.args)}|{enc(node.kwargs)}|{shapes}\n".encode())
+    return h.hexdigest()[:16]

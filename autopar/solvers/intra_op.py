@@ -1,0 +1,990 @@
+r"""Intra-op sharding solver: pick one strategy per node (Alpa OSDI'22 §4).
+
+The solver sees arrays, never torch.  A :class:`ShardingProblem` is a graph ``G = (V, E)`` whose
+node ``v`` has ``k_v`` candidate strategies, each with a cost ``c_v`` (seconds: compute plus the
+communication inside the op) and a memory footprint ``m_v`` (bytes per device), and whose edge
+``(u, v)`` has a resharding matrix ``R_uv`` (seconds, ``k_u × k_v``; ``inf`` marks a forbidden pair).
+
+Formulation
+-----------
+Variables::
+
+    s_v ∈ {0,1}^{k_v},   Σ_i s_v[i] = 1                          (one-hot strategy of v)
+    e_uv[i,j] ∈ {0,1}                                             (strategy pair on edge (u,v))
+
+Objective and memory::
+
+    min  Σ_v s_vᵀ c_v  +  Σ_(u,v)∈E ⟨e_uv, R_uv⟩
+    s.t. Σ_v s_vᵀ m_v ≤ M                                         (only when a limit M is given)
+         s_u[i] + s_v[j] ≤ 1              for every forbidden pair, R_uv[i,j] = inf
+
+Linearisation of ``e`` (as CP-SAT clauses).  Because every ``R_uv[i,j] ≥ 0`` and we minimise, the
+product ``e = s_u[i] · s_v[j]`` only needs its lower bound, and only where it costs something::
+
+    e_uv[i,j] ≥ s_u[i] + s_v[j] − 1        only for pairs with R_uv[i,j] > 0
+
+Before that, each edge is *reparametrised* so that as many entries as possible are zero: the row
+minima ``r_i = min_j R[i,j]`` move into ``c_u`` and then the column minima into ``c_v``.  This leaves
+the objective of every choice unchanged, and a typical resharding matrix (zero on its diagonal)
+then needs no pair variable on the diagonal.  The equality ("marginal") linearisation
+``Σ_j e[i,j] = s_u[i], Σ_i e[i,j] = s_v[j]`` gives a tighter LP but needs a variable for every
+allowed pair; with the reductions below the compact one was faster in
+``benchmarks/solver_scaling.py`` (see ``_LINEARISATION``).
+
+Reductions (all exact)
+----------------------
+1. Strategies with an infinite node cost, or compatible with no remaining strategy of some
+   neighbour (arc consistency), are removed.  With a memory limit, strategy ``i`` of ``v`` is removed
+   when ``m_v[i] − min m_v + Σ_u min m_u > M``.
+2. Dominated strategies are removed: ``j`` is dominated by ``i`` at node ``v`` when, whatever the
+   neighbours choose, ``i`` is never worse::
+
+       c_v[i] − c_v[j] + Σ_(v,u) max_x (R_vu[i,x] − R_vu[j,x]) ≤ 0     and, with a limit, m_v[i] ≤ m_v[j]
+
+   Of two equivalent strategies the lower index is kept.
+3. Duplicate edges are summed; a node left with one strategy is folded into the unary costs of its
+   neighbours (``c_u += R_uv[:, j]``).
+4. Without an active memory limit, variable elimination (min-sum dynamic programming): a leaf
+   ``v`` with neighbour ``u`` is folded as ``c_u[a] += min_i (R_uv[a,i] + c_v[i])``, and a node of degree
+   two between ``u`` and ``w`` becomes an edge ``R'_uw[a,b] = min_i (R_uv[a,i] + c_v[i] + R_vw[i,b])``.
+   A forest (in particular a chain) is solved exactly this way, without CP-SAT; on a general graph
+   only the 3-core-like remainder goes to CP-SAT.  A memory limit that even the largest strategies
+   meet (``Σ_v max m_v ≤ M``) is dropped first, so that this applies.
+
+Integer costs
+-------------
+CP-SAT needs integers.  After the reductions, every remaining cost term (unary or pair) is
+multiplied by ``scale = min(2^30 / C_max, 2^52 / UB)`` and rounded, where ``C_max`` is the largest finite
+term and ``UB`` the sum of every node's and edge's largest term, so coefficients stay below ~1e9 and
+any objective below 2^52.  Each term is then off by at most ``0.5 / scale`` seconds (≈ 5e-10 · C_max), so
+the scaled optimum is within ``(#terms) / scale`` seconds of the true optimum; ``stats`` reports that
+bound as ``rounding_bound_s``, and "OPTIMAL" means optimal for the scaled objective.  Memory is
+scaled by an integer unit (1 byte unless the total would exceed 2^52) with coefficients rounded up
+and the limit rounded down, so a returned choice always meets the limit exactly.
+
+Determinism
+-----------
+Each rank of a distributed job solves the same problem independently, and the plans' hashes are
+compared, so the same problem must give the same choice in every process.  Reductions iterate in
+node order and break ties towards the lowest strategy index; CP-SAT runs with
+``interleave_search=True`` (its deterministic parallel mode, independent of the number of workers),
+a fixed ``random_seed`` and ``max_deterministic_time = time_limit_s`` (work units, roughly seconds on
+a modern core).  A wall-clock safety net of ``4 · time_limit_s + 10`` seconds also applies; if it fires
+(``stats["wall_limit_hit"]``) the choice may differ between processes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from autopar.errors import AutoparError, InfeasibleError
+
+__all__ = ["ShardingProblem", "Solution", "evaluate", "peak_memory", "solve"]
+
+_FORMAT_VERSION = 1
+_SEED = 20220711  # fixed: part of the determinism contract
+_SUBSOLVERS = ["max_lp", "core"]  # measured in benchmarks/solver_scaling.py; see FACTS.md "Solvers"
+_LINEARISATION = "marginal"  # "compact" (e ≥ s_u + s_v − 1 where R > 0) or "marginal" (equalities)
+_GB = 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# Problem and solution
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardingProblem:
+    """Arrays of one intra-op sharding problem (see the module docstring for the math).
+
+    ``node_costs[v]`` and ``node_memory[v]`` have shape ``(k_v,)``; ``edge_costs[e]`` has shape
+    ``(k_u, k_v)`` for ``edges[e] = (u, v)``.  A node cost or an edge entry may be ``inf`` (forbidden);
+    nothing may be NaN or negative.  Duplicate edges are allowed and summed.
+    """
+
+    node_costs: list[np.ndarray]
+    node_memory: list[np.ndarray]
+    edges: list[tuple[int, int]]
+    edge_costs: list[np.ndarray]
+    memory_limit: float | None = None
+    names: list[str] | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.node_costs)
+
+    def name(self, v: int) -> str:
+        if self.names is not None and 0 <= v < len(self.names):
+            return str(self.names[v])
+        return f"node {v}"
+
+    def validate(self) -> None:
+        """Check shapes and values; raise ValueError naming every offending node or edge."""
+        errs: list[str] = []
+        n = len(self.node_costs)
+        if len(self.node_memory) != n:
+            errs.append(f"node_memory has {len(self.node_memory)} entries, node_costs has {n}")
+        if self.names is not None and len(self.names) != n:
+            errs.append(f"names has {len(self.names)} entries, node_costs has {n}")
+        if len(self.edge_costs) != len(self.edges):
+            errs.append(f"edge_costs has {len(self.edge_costs)} entries, edges has {len(self.edges)}")
+        ks: list[int] = []
+        for v in range(n):
+            c = np.asarray(self.node_costs[v])
+            what = f"{self.name(v)} (index {v})"
+            if c.ndim != 1 or c.shape[0] < 1:
+                errs.append(f"node_costs of {what} has shape {c.shape}, expected (k,) with k >= 1")
+                ks.append(-1)
+                continue
+            ks.append(c.shape[0])
+            if np.isnan(c).any() or (c < 0).any():
+                errs.append(f"node_costs of {what} has NaN or negative values: {c.tolist()}")
+            if v < len(self.node_memory):
+                m = np.asarray(self.node_memory[v])
+                if m.shape != c.shape:
+                    errs.append(f"node_memory of {what} has shape {m.shape}, expected {c.shape}")
+                elif not np.isfinite(m).all() or (m < 0).any():
+                    errs.append(f"node_memory of {what} must be finite and >= 0: {m.tolist()}")
+        for e, uv in enumerate(self.edges):
+            try:
+                u, v = (int(uv[0]), int(uv[1]))
+            except (TypeError, ValueError, IndexError):
+                errs.append(f"edge {e} is {uv!r}, expected a pair of node indices")
+                continue
+            if not (0 <= u < n and 0 <= v < n):
+                errs.append(f"edge {e} ({u}, {v}) refers to a node outside 0..{n - 1}")
+                continue
+            if u == v:
+                errs.append(f"edge {e} ({u}, {v}) is a self-loop on {self.name(u)}")
+                continue
+            if e >= len(self.edge_costs):
+                continue
+            r = np.asarray(self.edge_costs[e])
+            want = (ks[u], ks[v])
+            if r.shape != want:
+                errs.append(
+                    f"edge {e} {self.name(u)} -> {self.name(v)} has cost shape {r.shape}, "
+                    f"expected {want}"
+                )
+            elif np.isnan(r).any() or (r < 0).any():
+                errs.append(f"edge {e} {self.name(u)} -> {self.name(v)} has NaN or negative costs")
+        if self.memory_limit is not None and not (
+            isinstance(self.memory_limit, (int, float, np.floating, np.integer))
+            and self.memory_limit >= 0
+            and not math.isnan(self.memory_limit)
+        ):
+            errs.append(f"memory_limit must be None or a number >= 0, got {self.memory_limit!r}")
+        if errs:
+            raise ValueError("invalid ShardingProblem:\n  " + "\n  ".join(errs))
+
+    # -- replay format -----------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the problem to a ``.npz`` file that :meth:`load` reads back (no pickle)."""
+        ks = np.array([len(c) for c in self.node_costs], dtype=np.int64)
+        shapes = np.array([np.shape(r) for r in self.edge_costs], dtype=np.int64).reshape(-1, 2)
+        arrays = {
+            "format_version": np.array(_FORMAT_VERSION, dtype=np.int64),
+            "k": ks,
+            "node_costs": _concat([np.asarray(c, dtype=np.float64).ravel() for c in self.node_costs]),
+            "node_memory": _concat(
+                [np.asarray(m, dtype=np.float64).ravel() for m in self.node_memory]
+            ),
+            "edges": np.array(self.edges, dtype=np.int64).reshape(-1, 2),
+            "edge_shapes": shapes,
+            "edge_costs": _concat([np.asarray(r, dtype=np.float64).ravel() for r in self.edge_costs]),
+            "memory_limit": np.array(
+                np.nan if self.memory_limit is None else float(self.memory_limit)
+            ),
+        }
+        if self.names is not None:
+            arrays["names"] = np.array([str(s) for s in self.names], dtype=np.str_)
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ShardingProblem":
+        with np.load(path, allow_pickle=False) as z:
+            version = int(z["format_version"])
+            if version != _FORMAT_VERSION:
+                raise ValueError(f"{path}: sharding problem format {version}, expected {_FORMAT_VERSION}")
+            ks = z["k"]
+            offs = np.concatenate([[0], np.cumsum(ks)])
+            nc, nm = z["node_costs"], z["node_memory"]
+            shapes = z["edge_shapes"]
+            sizes = shapes[:, 0] * shapes[:, 1] if len(shapes) else np.zeros(0, np.int64)
+            eoffs = np.concatenate([[0], np.cumsum(sizes)])
+            ec = z["edge_costs"]
+            limit = float(z["memory_limit"])
+            names = [str(s) for s in z["names"]] if "names" in z.files else None
+            return cls(
+                node_costs=[nc[offs[v] : offs[v + 1]].copy() for v in range(len(ks))],
+                node_memory=[nm[offs[v] : offs[v + 1]].copy() for v in range(len(ks))],
+                edges=[(int(u), int(v)) for u, v in z["edges"]],
+                edge_costs=[
+                    ec[eoffs[e] : eoffs[e + 1]].reshape(tuple(shapes[e])).copy()
+                    for e in range(len(shapes))
+                ],
+                memory_limit=None if math.isnan(limit) else limit,
+                names=names,
+            )
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
+
+
+@dataclass
+class Solution:
+    choice: list[int]  # chosen strategy index per node
+    objective: float  # seconds, recomputed exactly from the arrays (see evaluate)
+    status: str  # "OPTIMAL" (proven) or "FEASIBLE"
+    solve_time_s: float
+    stats: dict = field(default_factory=dict)
+
+
+def evaluate(problem: ShardingProblem, choice: list[int]) -> float:
+    """Objective ``Σ_v c_v[choice_v] + Σ_(u,v) R_uv[choice_u, choice_v]``, correctly rounded (fsum).
+
+    ``inf`` if the choice uses a forbidden pair or strategy.
+    """
+    terms = [float(problem.node_costs[v][choice[v]]) for v in range(problem.num_nodes)]
+    terms += [
+        float(r[choice[u], choice[v]]) for (u, v), r in zip(problem.edges, problem.edge_costs)
+    ]
+    if any(math.isinf(t) for t in terms):
+        return math.inf
+    return math.fsum(terms)
+
+
+def peak_memory(problem: ShardingProblem, choice: list[int]) -> float:
+    """Bytes per device, ``Σ_v m_v[choice_v]`` (the quantity bounded by ``memory_limit``)."""
+    return math.fsum(float(problem.node_memory[v][choice[v]]) for v in range(problem.num_nodes))
+
+
+# --------------------------------------------------------------------------------------------------
+# Presolve: a mutable reduced problem plus a trail for back-substitution
+# --------------------------------------------------------------------------------------------------
+
+
+class _Infeasible(Exception):
+    """Raised inside presolve; solve() turns it into an InfeasibleError with an explanation."""
+
+
+class _Reduced:
+    """The problem restricted to live strategies, with folded and eliminated nodes on a trail.
+
+    ``dom[v]`` holds the original indices of v's live strategies (sorted), or None once v has been
+    fixed or eliminated.  Edge matrices ``R[(a, b)]`` (a < b) have shape (|dom a|, |dom b|).
+    """
+
+    def __init__(self, p: ShardingProblem, mem_limit: float | None):
+        n = p.num_nodes
+        self.n = n
+        self.mem_limit = mem_limit  # None = memory constraint inactive
+        self.dom: list[np.ndarray | None] = []
+        self.unary: list[np.ndarray] = []
+        self.mem: list[np.ndarray] = []
+        for v in range(n):
+            c = np.asarray(p.node_costs[v], dtype=np.float64)
+            self.dom.append(np.arange(len(c), dtype=np.int64))
+            self.unary.append(c.copy())
+            self.mem.append(np.asarray(p.node_memory[v], dtype=np.float64).copy())
+        self.adj: list[set[int]] = [set() for _ in range(n)]
+        self.R: dict[tuple[int, int], np.ndarray] = {}
+        for (u, v), r in zip(p.edges, p.edge_costs):
+            u, v = int(u), int(v)
+            r = np.asarray(r, dtype=np.float64)
+            if u > v:
+                u, v, r = v, u, r.T
+            self._add_edge(u, v, r)
+        self.offset = 0.0  # constant part of the objective
+        self.mem_offset = 0.0  # memory of fixed/eliminated nodes (only when mem_limit is set)
+        self.trail: list[tuple] = []
+        self.dirty: list[int] = []  # heap of nodes to revisit
+        self.in_dirty: set[int] = set()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _add_edge(self, u: int, v: int, r: np.ndarray) -> None:
+        key = (u, v)
+        if key in self.R:
+            self.R[key] = self.R[key] + r
+        else:
+            self.R[key] = np.array(r, dtype=np.float64)
+            self.adj[u].add(v)
+            self.adj[v].add(u)
+
+    def mat(self, v: int, u: int) -> np.ndarray:
+        """Edge matrix oriented with v's strategies as rows."""
+        return self.R[(v, u)] if v < u else self.R[(u, v)].T
+
+    def _del_edge(self, a: int, b: int) -> None:
+        del self.R[(min(a, b), max(a, b))]
+        self.adj[a].discard(b)
+        self.adj[b].discard(a)
+
+    def push(self, v: int) -> None:
+        if self.dom[v] is not None and v not in self.in_dirty:
+            self.in_dirty.add(v)
+            heapq.heappush(self.dirty, v)
+
+    def live(self) -> list[int]:
+        return [v for v in range(self.n) if self.dom[v] is not None]
+
+    def restrict(self, v: int, keep: np.ndarray) -> None:
+        if keep.all():
+            return
+        if not keep.any():
+            raise _Infeasible(f"node {v} has no strategy left")
+        self.dom[v] = self.dom[v][keep]
+        self.unary[v] = self.unary[v][keep]
+        self.mem[v] = self.mem[v][keep]
+        for u in sorted(self.adj[v]):
+            if v < u:
+                self.R[(v, u)] = self.R[(v, u)][keep, :]
+            else:
+                self.R[(u, v)] = self.R[(u, v)][:, keep]
+            self.push(u)
+        self.push(v)
+
+    def remove(self, v: int, record: tuple) -> None:
+        for u in sorted(self.adj[v]):
+            self._del_edge(v, u)
+            self.push(u)
+        self.dom[v] = None
+        self.trail.append(record)
+
+    # -- reductions --------------------------------------------------------------------------------
+
+    def prune(self, v: int) -> None:
+        """Arc consistency and dominance at v."""
+        keep = np.isfinite(self.unary[v])
+        nbrs = sorted(self.adj[v])
+        mats = [self.mat(v, u) for u in nbrs]
+        for m in mats:
+            keep &= np.isfinite(m).any(axis=1)
+        self.restrict(v, keep)
+        if self.dom[v] is None or len(self.dom[v]) < 2:
+            return
+        mats = [self.mat(v, u) for u in nbrs]
+        k = len(self.dom[v])
+        # worst[i, j] = c[i] - c[j] + Σ_e max_x (R[i,x] - R[j,x]); i dominates j when <= 0.
+        worst = self.unary[v][:, None] - self.unary[v][None, :]
+        for m in mats:
+            a = m[:, None, :]
+            b = m[None, :, :]
+            fin_b = np.isfinite(b)
+            with np.errstate(invalid="ignore"):
+                d = np.where(fin_b, a - b, -np.inf)  # x forbidden for j: no constraint
+            worst = worst + d.max(axis=2)
+        dom_mat = worst <= 0
+        if self.mem_limit is not None:
+            dom_mat &= self.mem[v][:, None] <= self.mem[v][None, :]
+        np.fill_diagonal(dom_mat, False)
+        if not dom_mat.any():
+            return
+        alive = np.ones(k, dtype=bool)
+        for j in range(k):  # sequential, so that one of equivalent strategies always survives
+            dominators = dom_mat[:, j] & alive
+            strict = dominators & ~dom_mat[j, :]
+            equivalent_before = dominators & dom_mat[j, :]
+            equivalent_before[j:] = False
+            if strict.any() or equivalent_before.any():
+                alive[j] = False
+        self.restrict(v, alive)
+
+    def fix_single(self, v: int) -> None:
+        idx = int(self.dom[v][0])
+        self.offset += float(self.unary[v][0])
+        if self.mem_limit is not None:
+            self.mem_offset += float(self.mem[v][0])
+        for u in sorted(self.adj[v]):
+            self.unary[u] = self.unary[u] + self.mat(u, v)[:, 0]
+        self.remove(v, ("fixed", v, idx))
+
+    def eliminate(self, v: int) -> bool:
+        """Variable elimination of a node of degree <= 2 (only without an active memory limit)."""
+        nbrs = sorted(self.adj[v])
+        if len(nbrs) == 0:
+            i = int(np.argmin(self.unary[v]))
+            if not np.isfinite(self.unary[v][i]):
+                raise _Infeasible(f"node {v} has no strategy left")
+            self.offset += float(self.unary[v][i])
+            self.remove(v, ("fixed", v, int(self.dom[v][i])))
+            return True
+        if len(nbrs) == 1:
+            (u,) = nbrs
+            m = self.mat(u, v) + self.unary[v][None, :]
+            best = np.argmin(m, axis=1)  # first minimum: lowest strategy index
+            msg = m[np.arange(m.shape[0]), best]
+            self.unary[u] = self.unary[u] + msg
+            self.remove(v, ("leaf", v, u, self.dom[u].copy(), self.dom[v][best]))
+            return True
+        if len(nbrs) == 2:
+            u, w = nbrs
+            t = self.mat(u, v)[:, :, None] + self.unary[v][None, :, None] + self.mat(v, w)[None, :, :]
+            best = np.argmin(t, axis=1)
+            new = np.take_along_axis(t, best[:, None, :], axis=1)[:, 0, :]
+            rec = ("series", v, u, w, self.dom[u].copy(), self.dom[w].copy(), self.dom[v][best])
+            self.remove(v, rec)
+            self._add_edge(u, w, new)
+            return True
+        return False
+
+    def memory_prune(self) -> bool:
+        """Drop strategies that alone overshoot the memory slack; True if something changed."""
+        if self.mem_limit is None:
+            return False
+        live = self.live()
+        mins = {v: float(self.mem[v].min()) for v in live}
+        slack = self.mem_limit - self.mem_offset - math.fsum(mins.values())
+        if slack < 0:
+            raise _Infeasible("memory")
+        changed = False
+        for v in live:
+            keep = self.mem[v] - mins[v] <= slack
+            if not keep.all():
+                changed = True
+                self.restrict(v, keep)
+        return changed
+
+    def run(self, eliminate: bool) -> None:
+        for v in range(self.n):
+            self.push(v)
+        while True:
+            while self.dirty:
+                v = heapq.heappop(self.dirty)
+                self.in_dirty.discard(v)
+                if self.dom[v] is None:
+                    continue
+                self.prune(v)
+                if self.dom[v] is None:
+                    continue
+                if len(self.dom[v]) == 1:
+                    self.fix_single(v)
+                elif eliminate and len(self.adj[v]) <= 2:
+                    self.eliminate(v)
+            if not self.memory_prune():
+                break
+
+    def back_substitute(self, core_choice: dict[int, int]) -> list[int]:
+        """Original strategy index per node, given the original index for every core node."""
+        choice = [-1] * self.n
+        for v, i in core_choice.items():
+            choice[v] = int(i)
+        for rec in reversed(self.trail):
+            kind, v = rec[0], rec[1]
+            if kind == "fixed":
+                choice[v] = rec[2]
+            elif kind == "leaf":
+                _, _, u, dom_u, best = rec
+                choice[v] = int(best[np.searchsorted(dom_u, choice[u])])
+            else:
+                _, _, u, w, dom_u, dom_w, best = rec
+                a = np.searchsorted(dom_u, choice[u])
+                b = np.searchsorted(dom_w, choice[w])
+                choice[v] = int(best[a, b])
+        return choice
+
+
+# --------------------------------------------------------------------------------------------------
+# Heuristic hint on the reduced core
+# --------------------------------------------------------------------------------------------------
+
+
+def _core_cost(red: _Reduced, nodes: list[int], loc: dict[int, int]) -> float:
+    tot = sum(float(red.unary[v][loc[v]]) for v in nodes)
+    tot += sum(float(r[loc[a], loc[b]]) for (a, b), r in red.R.items())
+    return tot
+
+
+def _greedy_hint(red: _Reduced, nodes: list[int]) -> dict[int, int] | None:
+    """Greedy in node order, then best-response sweeps; repaired to meet memory. Local indices.
+
+    The repair raises a price λ on memory (``score = cost + λ·m``) until the choice fits.
+    """
+    loc: dict[int, int] = {}
+
+    def score_of(v: int) -> np.ndarray:
+        score = red.unary[v].copy()
+        for u in red.adj[v]:
+            if u in loc:
+                score = score + red.mat(u, v)[loc[u], :]
+        return score
+
+    for v in nodes:
+        score = score_of(v)
+        i = int(np.argmin(score))
+        if not np.isfinite(score[i]):
+            return None
+        loc[v] = i
+    limit = None if red.mem_limit is None else red.mem_limit - red.mem_offset
+
+    def used() -> float:
+        return math.fsum(float(red.mem[v][loc[v]]) for v in nodes)
+
+    def sweeps(lam: float, constrained: bool, rounds: int) -> None:
+        cur = used() if constrained else 0.0
+        for _ in range(rounds):
+            changed = False
+            for v in nodes:
+                score = score_of(v)
+                if lam:
+                    score = score + lam * red.mem[v]
+                if constrained:
+                    room = limit - (cur - red.mem[v][loc[v]])
+                    score = np.where(red.mem[v] <= room, score, np.inf)
+                i = int(np.argmin(score))
+                if i != loc[v] and np.isfinite(score[i]) and score[i] < score[loc[v]]:
+                    if constrained:
+                        cur += red.mem[v][i] - red.mem[v][loc[v]]
+                    loc[v] = i
+                    changed = True
+            if not changed:
+                break
+
+    if limit is None:
+        sweeps(0.0, False, 4)
+        return loc
+    if used() > limit:
+        spread_c = math.fsum(float(np.ptp(red.unary[v])) for v in nodes)
+        spread_m = math.fsum(float(np.ptp(red.mem[v])) for v in nodes)
+        lam = (spread_c / spread_m) if spread_m > 0 and spread_c > 0 else 1e-12
+        lam *= 1e-3
+        for _ in range(60):
+            sweeps(lam, False, 2)
+            if used() <= limit:
+                break
+            lam *= 4.0
+        if used() > limit:
+            return None
+    sweeps(0.0, True, 4)
+    return loc
+
+
+# --------------------------------------------------------------------------------------------------
+# CP-SAT on the reduced core
+# --------------------------------------------------------------------------------------------------
+
+
+def _cpsat(
+    red: _Reduced,
+    nodes: list[int],
+    hint: dict[int, int] | None,
+    time_limit_s: float,
+    workers: int,
+    progress: Callable[[str], None] | None,
+    t0: float,
+    stats: dict,
+) -> tuple[dict[int, int] | None, str]:
+    from ortools.sat.python import cp_model
+
+    # Reparametrise edges: move row minima, then column minima, into the unary costs.
+    unary = {v: red.unary[v].copy() for v in nodes}
+    edges: list[tuple[int, int, np.ndarray]] = []
+    for (a, b) in sorted(red.R):
+        r = red.R[(a, b)].copy()
+        fin = np.isfinite(r)
+        rmin = np.where(fin, r, np.inf).min(axis=1)
+        unary[a] = unary[a] + rmin
+        r = r - rmin[:, None]
+        cmin = np.where(fin, r, np.inf).min(axis=0)
+        cmin = np.where(np.isfinite(cmin), cmin, 0.0)
+        unary[b] = unary[b] + cmin
+        r = r - cmin[None, :]
+        edges.append((a, b, r))
+    offset = 0.0
+    for v in nodes:
+        mn = float(unary[v].min())
+        offset += mn
+        unary[v] = np.maximum(unary[v] - mn, 0.0)
+
+    # Integer scaling (see module docstring).
+    cmax, ub = 0.0, 0.0
+    for v in nodes:
+        cmax = max(cmax, float(unary[v].max()))
+        ub += float(unary[v].max())
+    for _, _, r in edges:
+        f = r[np.isfinite(r)]
+        if f.size:
+            cmax = max(cmax, float(f.max()))
+            ub += float(f.max())
+    scale = 1.0 if cmax <= 0 else min(2.0**30 / cmax, 2.0**52 / max(ub, 1e-300))
+
+    model = cp_model.CpModel()
+    proto = model.proto
+    nvars = 0
+
+    def new_bool() -> int:
+        nonlocal nvars
+        var = proto.variables.add()
+        var.domain.extend([0, 1])
+        nvars += 1
+        return nvars - 1
+
+    obj_vars: list[int] = []
+    obj_coeffs: list[int] = []
+    x: dict[int, list[int]] = {}
+    for v in nodes:
+        x[v] = [new_bool() for _ in range(len(unary[v]))]
+        ct = proto.constraints.add()
+        ct.exactly_one.literals.extend(x[v])
+        coeffs = np.rint(unary[v] * scale).astype(np.int64)
+        for i, c in enumerate(coeffs):
+            if c:
+                obj_vars.append(x[v][i])
+                obj_coeffs.append(int(c))
+    n_terms = len(nodes)
+    n_pair_vars = 0
+    n_forbidden = 0
+    pair_index: list[tuple[int, int, int, int, int]] = []  # (var, a, i, b, j) for hints
+    for a, b, r in edges:
+        n_terms += 1
+        xa, xb = x[a], x[b]
+        coeffs = np.where(np.isfinite(r), np.rint(np.where(np.isfinite(r), r, 0) * scale), -1)
+        coeffs = coeffs.astype(np.int64)
+        if _LINEARISATION == "marginal":
+            ev = np.full(r.shape, -1, dtype=np.int64)
+            for i in range(r.shape[0]):
+                for j in range(r.shape[1]):
+                    if coeffs[i, j] >= 0:
+                        ev[i, j] = new_bool()
+                        n_pair_vars += 1
+                        pair_index.append((int(ev[i, j]), a, i, b, j))
+                        if coeffs[i, j] > 0:
+                            obj_vars.append(int(ev[i, j]))
+                            obj_coeffs.append(int(coeffs[i, j]))
+                    else:
+                        n_forbidden += 1
+            for i in range(r.shape[0]):
+                ct = proto.constraints.add()
+                lin = ct.linear
+                row = [int(e) for e in ev[i] if e >= 0]
+                lin.vars.extend(row + [xa[i]])
+                lin.coeffs.extend([1] * len(row) + [-1])
+                lin.domain.extend([0, 0])
+            for j in range(r.shape[1]):
+                ct = proto.constraints.add()
+                lin = ct.linear
+                col = [int(e) for e in ev[:, j] if e >= 0]
+                lin.vars.extend(col + [xb[j]])
+                lin.coeffs.extend([1] * len(col) + [-1])
+                lin.domain.extend([0, 0])
+            continue
+        for i, j in zip(*np.nonzero(coeffs != 0)):
+            c = int(coeffs[i, j])
+            if c < 0:  # forbidden pair: s_a[i] + s_b[j] <= 1
+                ct = proto.constraints.add()
+                ct.bool_or.literals.extend([-xa[i] - 1, -xb[j] - 1])
+                n_forbidden += 1
+            else:  # e >= s_a[i] + s_b[j] - 1
+                e = new_bool()
+                n_pair_vars += 1
+                ct = proto.constraints.add()
+                ct.bool_or.literals.extend([-xa[i] - 1, -xb[j] - 1, e])
+                obj_vars.append(e)
+                obj_coeffs.append(c)
+                pair_index.append((e, a, int(i), b, int(j)))
+    proto.objective.vars.extend(obj_vars)
+    proto.objective.coeffs.extend(obj_coeffs)
+
+    mem_unit = 1.0
+    if red.mem_limit is not None:
+        mins = {v: float(red.mem[v].min()) for v in nodes}
+        slack = red.mem_limit - red.mem_offset - math.fsum(mins.values())
+        extra = {v: red.mem[v] - mins[v] for v in nodes}
+        total = math.fsum(float(e.max()) for e in extra.values())
+        if total > 2.0**52:
+            mem_unit = total / 2.0**52
+        ct = proto.constraints.add()
+        lin = ct.linear
+        for v in nodes:
+            co = np.ceil(extra[v] / mem_unit).astype(np.int64)
+            for i, c in enumerate(co):
+                if c:
+                    lin.vars.append(x[v][i])
+                    lin.coeffs.append(int(c))
+        lin.domain.extend([0, int(math.floor(slack / mem_unit))])
+
+    if hint is not None:
+        for v in nodes:
+            for i, var in enumerate(x[v]):
+                proto.solution_hint.vars.append(var)
+                proto.solution_hint.values.append(1 if hint[v] == i else 0)
+        for var, a, i, b, j in pair_index:
+            proto.solution_hint.vars.append(var)
+            proto.solution_hint.values.append(1 if (hint[a] == i and hint[b] == j) else 0)
+
+    stats.update(
+        cp_vars=nvars,
+        cp_constraints=len(proto.constraints),
+        cp_pair_vars=n_pair_vars,
+        cp_forbidden_pairs=n_forbidden,
+        scale=scale,
+        rounding_bound_s=n_terms / scale,
+        linearisation=_LINEARISATION,
+        subsolvers=list(_SUBSOLVERS),
+    )
+
+    solver = cp_model.CpSolver()
+    prm = solver.parameters
+    prm.num_workers = max(1, int(workers))
+    prm.interleave_search = True
+    prm.random_seed = _SEED
+    prm.subsolvers.extend(_SUBSOLVERS)
+    prm.max_deterministic_time = float(time_limit_s)
+    prm.max_time_in_seconds = 4.0 * float(time_limit_s) + 10.0
+    prm.log_search_progress = False
+
+    class _Cb(cp_model.CpSolverSolutionCallback):
+        def on_solution_callback(self) -> None:
+            obj = offset + red.offset + self.ObjectiveValue() / scale
+            progress(f"cp-sat: objective {obj:.4g} s after {time.perf_counter() - t0:.1f} s")
+
+    t_build = time.perf_counter()
+    stats["build_time_s"] = t_build - t0 - stats.get("presolve_time_s", 0.0)
+    if progress is not None:
+        progress(f"cp-sat: {nvars} vars, {len(proto.constraints)} constraints, {workers} workers")
+        status = solver.solve(model, _Cb())
+    else:
+        status = solver.solve(model)
+    stats["cp_wall_time_s"] = solver.wall_time
+    stats["cp_deterministic_time"] = solver.deterministic_time
+    stats["cp_status"] = solver.status_name(status)
+    stats["wall_limit_hit"] = solver.wall_time >= prm.max_time_in_seconds * 0.99
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        stats["cp_objective_s"] = offset + red.offset + solver.objective_value / scale
+        stats["cp_bound_s"] = offset + red.offset + solver.best_objective_bound / scale
+        sol = solver.response_proto.solution
+        loc = {v: next(i for i, var in enumerate(x[v]) if sol[var]) for v in nodes}
+        return loc, ("OPTIMAL" if status == cp_model.OPTIMAL else "FEASIBLE")
+    if status == cp_model.INFEASIBLE:
+        raise _Infeasible("cp-sat")
+    return None, "UNKNOWN"
+
+
+# --------------------------------------------------------------------------------------------------
+# Explanations
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(b: float) -> str:
+    return f"{b / _GB:.2f} GB ({b:.0f} bytes)"
+
+
+def _memory_message(p: ShardingProblem, limit: float, lead: str) -> str:
+    mins = []
+    for v in range(p.num_nodes):
+        m = np.asarray(p.node_memory[v], dtype=np.float64)
+        ok = np.isfinite(np.asarray(p.node_costs[v], dtype=np.float64))
+        mins.append(float(m[ok].min()) if ok.any() else float(m.min()))
+    need = math.fsum(mins)
+    order = sorted(range(p.num_nodes), key=lambda v: (-mins[v], v))[:5]
+    top = ", ".join(f"{p.name(v)} {mins[v] / _GB:.2f} GB" for v in order if mins[v] > 0)
+    return (
+        f"{lead}: the smallest strategies of all nodes together need {_fmt_bytes(need)} per "
+        f"device, more than the limit of {_fmt_bytes(limit)}. Largest contributors (their smallest "
+        f"strategy): {top or 'none'}."
+    )
+
+
+def _explain(p: ShardingProblem) -> str:
+    """Why no choice is feasible: memory lower bound, dead nodes, or an unsat core of edges."""
+    limit = p.memory_limit
+    for v in range(p.num_nodes):
+        if not np.isfinite(np.asarray(p.node_costs[v], dtype=np.float64)).any():
+            return f"{p.name(v)} has no allowed strategy: every node cost is inf."
+    if limit is not None:
+        mins = [
+            float(np.asarray(p.node_memory[v])[np.isfinite(np.asarray(p.node_costs[v]))].min())
+            for v in range(p.num_nodes)
+        ]
+        if math.fsum(mins) > limit:
+            return _memory_message(p, limit, "memory limit cannot be met")
+    from ortools.sat.python import cp_model
+
+    model = cp_model.CpModel()
+    x = []
+    for v in range(p.num_nodes):
+        c = np.asarray(p.node_costs[v], dtype=np.float64)
+        xs = [model.new_bool_var(f"s{v}_{i}") for i in range(len(c))]
+        model.add_exactly_one(xs)
+        for i in range(len(c)):
+            if not np.isfinite(c[i]):
+                model.add(xs[i] == 0)
+        x.append(xs)
+    lits = {}
+    for e, ((u, v), r) in enumerate(zip(p.edges, p.edge_costs)):
+        r = np.asarray(r, dtype=np.float64)
+        bad = np.argwhere(~np.isfinite(r))
+        if len(bad) == 0:
+            continue
+        lit = model.new_bool_var(f"edge{e}")
+        lits[lit.index] = ("edge", e)
+        for i, j in bad:
+            model.add_bool_or([~lit, ~x[u][i], ~x[v][j]])
+        model.add_assumption(lit)
+    if limit is not None:
+        lit = model.new_bool_var("memory")
+        lits[lit.index] = ("memory", None)
+        mins_total = []
+        terms = []
+        for v in range(p.num_nodes):
+            m = np.asarray(p.node_memory[v], dtype=np.float64)
+            mn = float(m.min())
+            mins_total.append(mn)
+            terms += [(x[v][i], int(math.ceil(m[i] - mn))) for i in range(len(m)) if m[i] > mn]
+        rhs = int(math.floor(limit - math.fsum(mins_total)))
+        if terms:
+            model.add(cp_model.LinearExpr.weighted_sum(
+                [xv for xv, _ in terms], [c for _, c in terms]) <= rhs).only_enforce_if(lit)
+            model.add_assumption(lit)
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = _SEED
+    solver.parameters.max_deterministic_time = 30.0
+    status = solver.solve(model)
+    if status != cp_model.INFEASIBLE:
+        return "no feasible choice was found, and the conflict could not be isolated in time."
+    core = [lits[i] for i in solver.sufficient_assumptions_for_infeasibility() if i in lits]
+    parts = []
+    edge_names = [
+        f"{p.name(p.edges[e][0])} -> {p.name(p.edges[e][1])} (edge {e})"
+        for kind, e in core
+        if kind == "edge"
+    ]
+    if edge_names:
+        parts.append(
+            "every choice uses a forbidden (inf) resharding pair on "
+            + ("edge " if len(edge_names) == 1 else "one of the edges ")
+            + ", ".join(edge_names)
+        )
+    if any(kind == "memory" for kind, _ in core):
+        parts.append(
+            f"the memory limit of {_fmt_bytes(limit)} per device cannot be met"
+            + (" together with those forbidden pairs" if edge_names else "")
+        )
+    return "; ".join(parts) + "." if parts else "no feasible choice exists."
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def solve(
+    problem: ShardingProblem,
+    *,
+    time_limit_s: float = 20.0,
+    workers: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> Solution:
+    r"""Choose one strategy per node minimising the total time, within the memory limit.
+
+    Solves::
+
+        min_s  Σ_v s_vᵀ c_v + Σ_(u,v) ⟨e_uv, R_uv⟩
+        s.t.   Σ_i s_v[i] = 1  ∀v,      s_v ∈ {0,1}^{k_v}
+               e_uv[i,j] ≥ s_u[i] + s_v[j] − 1     where R_uv[i,j] > 0 (after reparametrisation)
+               s_u[i] + s_v[j] ≤ 1                 where R_uv[i,j] = inf
+               Σ_v s_vᵀ m_v ≤ M                    if problem.memory_limit = M is set
+
+    after the exact reductions of the module docstring; a problem that reduces away entirely (a
+    forest without an active memory limit) is solved by dynamic programming alone.
+
+    ``time_limit_s`` bounds CP-SAT's deterministic time (see the module docstring); ``workers`` is
+    CP-SAT's thread count.  ``progress``, if given, is called with short status strings.
+
+    Raises InfeasibleError when no choice meets the memory limit or avoids the forbidden pairs,
+    with an explanation (minimum memory vs. limit and the largest contributors, or the edges).
+    """
+    t0 = time.perf_counter()
+    problem.validate()
+    say = progress if callable(progress) else (lambda _msg: None)
+    n = problem.num_nodes
+    n_edges_in = len(problem.edges)
+    stats: dict = {"nodes_in": n, "edges_in": n_edges_in}
+    if n == 0:
+        return Solution([], 0.0, "OPTIMAL", time.perf_counter() - t0, {**stats, "solver": "trivial"})
+
+    limit = problem.memory_limit
+    mem_limit = None
+    if limit is not None:
+        lo = hi = 0.0
+        los, his = [], []
+        for v in range(n):
+            m = np.asarray(problem.node_memory[v], dtype=np.float64)
+            ok = np.isfinite(np.asarray(problem.node_costs[v], dtype=np.float64))
+            if not ok.any():
+                raise InfeasibleError(_explain(problem))
+            los.append(float(m[ok].min()))
+            his.append(float(m[ok].max()))
+        lo, hi = math.fsum(los), math.fsum(his)
+        if lo > limit:
+            raise InfeasibleError(_memory_message(problem, limit, "memory limit cannot be met"))
+        mem_limit = None if hi <= limit else float(limit)
+        stats["memory_constraint"] = "active" if mem_limit is not None else "slack"
+
+    red = _Reduced(problem, mem_limit)
+    stats["edges_merged"] = len(red.R)
+    try:
+        red.run(eliminate=mem_limit is None)
+    except _Infeasible:
+        raise InfeasibleError(_explain(problem)) from None
+    nodes = red.live()
+    t_pre = time.perf_counter()
+    stats.update(
+        nodes_after=len(nodes),
+        edges_after=len(red.R),
+        strategies_in=int(sum(len(c) for c in problem.node_costs)),
+        strategies_after=int(sum(len(red.dom[v]) for v in nodes)),
+        presolve_time_s=t_pre - t0,
+    )
+    say(
+        f"presolve: {n} -> {len(nodes)} nodes, {n_edges_in} -> {len(red.R)} edges "
+        f"({t_pre - t0:.2f} s)"
+    )
+
+    if not nodes:
+        choice = red.back_substitute({})
+        stats["solver"] = "dp" if mem_limit is None else "presolve"
+        status = "OPTIMAL"
+    else:
+        hint = _greedy_hint(red, nodes)
+        stats["hint"] = hint is not None
+        if hint is not None:
+            stats["hint_objective_s"] = red.offset + _core_cost(red, nodes, hint)
+        try:
+            loc, status = _cpsat(red, nodes, hint, time_limit_s, workers, progress, t0, stats)
+        except _Infeasible:
+            raise InfeasibleError(_explain(problem)) from None
+        stats["solver"] = "cp-sat"
+        if loc is None:
+            if hint is None:
+                raise AutoparError(
+                    f"intra-op solver found no feasible choice within {time_limit_s} s of "
+                    f"deterministic time ({len(nodes)} nodes after presolve); raise time_limit_s"
+                )
+            loc, status = hint, "FEASIBLE"
+            stats["solver"] = "greedy (cp-sat found nothing)"
+        choice = red.back_substitute({v: int(red.dom[v][loc[v]]) for v in nodes})
+
+    objective = evaluate(problem, choice)
+    if not math.isfinite(objective):  # pragma: no cover - would be a solver bug
+        raise AssertionError("intra-op solver returned a choice with a forbidden pair")
+    if limit is not None:
+        used = peak_memory(problem, choice)
+        stats["memory_bytes"] = used
+        if used > limit:  # pragma: no cover - would be a solver bug
+            raise AssertionError(f"intra-op solver exceeded the memory limit: {used} > {limit}")
+    dt = time.perf_counter() - t0
+    say(f"{stats['solver']}: {status} objective {objective:.4g} s after {dt:.2f} s")
+    return Solution(choice, objective, status, dt, stats)

@@ -1,0 +1,111 @@
+"""Time the intra-op sharding solver on random DAG problems (a benchmark, not a test).
+
+    python benchmarks/solver_scaling.py                     # 100 / 500 / 1000 nodes, 8-16 strategies
+    python benchmarks/solver_scaling.py --nodes 1000 --memory 0.3 --time-limit 60
+
+The generator imitates what the cost model produces: each strategy has an output layout and an
+expected layout per input; resharding between different layouts costs the tensor size times a
+per-layout-pair factor, and is free between equal ones.  Node costs are compute divided by a
+sharding factor plus a little in-op communication; memory is parameter size divided by the same
+factor.  Inputs come from a window of recent nodes (residual-style DAG, not a tree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autopar.solvers.intra_op import ShardingProblem, solve  # noqa: E402
+
+
+def random_dag_problem(
+    n: int,
+    kmin: int = 8,
+    kmax: int = 16,
+    seed: int = 0,
+    memory: float | None = None,
+    fanin: int = 3,
+    window: int = 8,
+    layouts: int = 6,
+) -> ShardingProblem:
+    """A random DAG problem; ``memory`` in [0, 1] puts the limit between min and max memory."""
+    rng = np.random.default_rng(seed)
+    pair = rng.uniform(0.2, 1.0, size=(layouts, layouts))
+    np.fill_diagonal(pair, 0.0)
+    ks = rng.integers(kmin, kmax + 1, size=n)
+    out_layout = [rng.integers(0, layouts, size=k) for k in ks]
+    shard = [rng.choice([1, 2, 4, 8], size=k) for k in ks]
+    size = rng.lognormal(0.0, 1.0, size=n) * 1e-3  # seconds to move the whole tensor once
+    node_costs, node_memory = [], []
+    for v in range(n):
+        flops = rng.lognormal(0.0, 1.0) * 1e-3
+        comm = rng.uniform(0.0, 0.3, size=ks[v]) * flops * (shard[v] > 1)
+        node_costs.append(flops / shard[v] + comm)
+        params = rng.lognormal(0.0, 1.0) * 1e8
+        node_memory.append(np.round(params / shard[v]))
+    edges, edge_costs = [], []
+    for v in range(1, n):
+        lo = max(0, v - window)
+        m = int(rng.integers(1, fanin + 1))
+        srcs = sorted(set(int(u) for u in rng.integers(lo, v, size=m)) | {v - 1})
+        for u in srcs:
+            want = rng.integers(0, layouts, size=ks[v])
+            edges.append((u, v))
+            edge_costs.append(size[u] * pair[out_layout[u][:, None], want[None, :]])
+    limit = None
+    if memory is not None:
+        lo_m = sum(float(m.min()) for m in node_memory)
+        hi_m = sum(float(m.max()) for m in node_memory)
+        limit = lo_m + memory * (hi_m - lo_m)
+    names = [f"op{v}" for v in range(n)]
+    return ShardingProblem(node_costs, node_memory, edges, edge_costs, limit, names)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, nargs="*", default=[100, 500, 1000])
+    ap.add_argument("--kmin", type=int, default=8)
+    ap.add_argument("--kmax", type=int, default=16)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--memory", type=float, default=None, help="limit between min (0) and max (1)")
+    ap.add_argument("--time-limit", type=float, default=20.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--chain", action="store_true", help="fan-in 1 from the previous node only")
+    args = ap.parse_args()
+    print(
+        f"{'nodes':>6} {'seed':>4} {'core n/e':>11} {'pairs':>7} {'solver':>7} {'status':>9} "
+        f"{'presolve':>8} {'total':>7} {'objective':>10} {'gap':>8}"
+    )
+    for n in args.nodes:
+        times = []
+        for seed in range(args.seeds):
+            p = random_dag_problem(
+                n, args.kmin, args.kmax, seed=seed, memory=args.memory,
+                fanin=1 if args.chain else 3, window=1 if args.chain else 8,
+            )
+            t = time.perf_counter()
+            sol = solve(p, time_limit_s=args.time_limit, workers=args.workers)
+            dt = time.perf_counter() - t
+            times.append(dt)
+            st = sol.stats
+            gap = ""
+            if "cp_bound_s" in st and sol.objective > 0:
+                gap = f"{(sol.objective - st['cp_bound_s']) / sol.objective:.2%}"
+            print(
+                f"{n:>6} {seed:>4} {st['nodes_after']:>5}/{st['edges_after']:<5} "
+                f"{st.get('cp_pair_vars', 0):>7} {st['solver']:>7} {sol.status:>9} "
+                f"{st['presolve_time_s']:>7.2f}s {dt:>6.2f}s {sol.objective:>10.5g} {gap:>8}",
+                flush=True,
+            )
+        print(f"{n:>6} median {statistics.median(times):.2f} s, max {max(times):.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

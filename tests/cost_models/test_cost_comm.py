@@ -1,0 +1,165 @@
+"""α-β collectives, axis -> link mapping, and the redistribution planner."""
+
+import pytest
+
+from autopar.cost_models.comm import (
+    Collective,
+    axis_links,
+    collective_time,
+    redistribute_collectives,
+    redistribute_time,
+)
+from autopar.cost_models.hardware import Link, load_hardware
+from autopar.placements import REPLICATE as R
+from autopar.placements import partial, shard
+
+P = partial("sum")
+LINK = Link(bandwidth_Bps=100e9, latency_s=1e-6)
+
+
+# --- collective_time -------------------------------------------------------------------------
+
+def test_ring_formulas_by_hand():
+    S, n = 1e9, 4  # (n-1)/n = 3/4; S/bw = 0.01 s
+    assert collective_time("all_reduce", S, n, LINK) == pytest.approx(2 * 3 * 1e-6 + 2 * 0.75 * 0.01)
+    assert collective_time("all_gather", S, n, LINK) == pytest.approx(3 * 1e-6 + 0.75 * 0.01)
+    assert collective_time("reduce_scatter", S, n, LINK) == pytest.approx(3e-6 + 0.0075)
+    assert collective_time("all_to_all", S, n, LINK) == pytest.approx(3e-6 + 0.0075)
+    assert collective_time("send_recv", S, n, LINK) == pytest.approx(1e-6 + 0.01)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 64])
+def test_bus_bandwidth_factors_reach_link_bandwidth(n):
+    """nccl-tests busbw = algbw · factor equals the link bandwidth when latency is 0."""
+    link, S = Link(50e9, 0.0), 1e8
+    factors = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n,
+               "reduce_scatter": (n - 1) / n, "all_to_all": (n - 1) / n}
+    for op, factor in factors.items():
+        algbw = S / collective_time(op, S, n, link)
+        assert algbw * factor == pytest.approx(50e9)
+
+
+def test_all_reduce_is_reduce_scatter_plus_all_gather():
+    for n in (2, 8, 32):
+        ar = collective_time("all_reduce", 3e7, n, LINK)
+        assert ar == pytest.approx(collective_time("reduce_scatter", 3e7, n, LINK)
+                                   + collective_time("all_gather", 3e7, n, LINK))
+
+
+def test_latency_dominates_small_messages():
+    assert collective_time("all_reduce", 8, 8, LINK) == pytest.approx(14e-6, rel=1e-3)
+
+
+def test_single_rank_is_free_and_unknown_op_raises():
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"):
+        assert collective_time(op, 1e9, 1, LINK) == 0.0
+    with pytest.raises(ValueError, match="broadcast"):
+        collective_time("broadcast", 1e6, 4, LINK)
+
+
+# --- axis_links --------------------------------------------------------------------------------
+
+def test_axis_links_h100_dp_inter_tp_intra():
+    hw = load_hardware("h100-sxm")
+    links = axis_links({"dp": 4, "tp": 8}, hw)
+    assert list(links) == ["dp", "tp"]
+    assert links["tp"] == hw.intra_node
+    assert links["dp"] == hw.inter_node
+
+
+def test_axis_links_fill_a_node_from_the_inside():
+    hw = load_hardware("h100-sxm")
+    assert set(axis_links({"dp": 2, "tp": 4}, hw).values()) == {hw.intra_node}
+    links = axis_links({"pp": 4, "dp": 2, "cp": 2, "tp": 2}, hw)
+    assert [links[a] is hw.intra_node for a in ("pp", "dp", "cp", "tp")] == [False, True, True, True]
+    assert axis_links({"tp": 16}, hw)["tp"] == hw.inter_node
+
+
+# --- redistribute_collectives -----------------------------------------------------------------
+
+AXES1 = {"tp": 4}
+LINKS1 = {"tp": LINK}
+SHAPE, ITEM = (8, 16), 4  # 512 bytes in all
+
+
+def plan1(src, dst, shape=SHAPE):
+    return [(c.op, c.axis, c.bytes) for c in redistribute_collectives((src,), (dst,), shape, ITEM, AXES1, LINKS1)]
+
+
+@pytest.mark.parametrize(
+    "src, dst, expected",
+    [
+        (P, R, [("all_reduce", "tp", 512)]),
+        (P, shard(0), [("reduce_scatter", "tp", 512)]),
+        (shard(0), R, [("all_gather", "tp", 512)]),
+        (shard(0), shard(1), [("all_to_all", "tp", 128)]),
+        (R, shard(1), []),
+        (R, P, []),
+        (shard(1), P, [("all_gather", "tp", 512)]),
+        (shard(0), shard(0), []),
+        (P, P, []),
+    ],
+)
+def test_each_transition(src, dst, expected):
+    assert plan1(src, dst) == expected
+
+
+def test_partial_ops_do_not_mix():
+    with pytest.raises(ValueError, match="P\\(sum\\) -> P\\(max\\)"):
+        plan1(P, partial("max"))
+
+
+def test_times_match_collective_time():
+    (c,) = redistribute_collectives((P,), (R,), SHAPE, ITEM, AXES1, LINKS1)
+    assert isinstance(c, Collective)
+    assert c.time_s == pytest.approx(collective_time("all_reduce", 512, 4, LINK))
+
+
+def test_strings_negative_dims_and_uneven_shapes():
+    assert redistribute_collectives(("S(-1)",), ("S(1)",), SHAPE, ITEM, AXES1, LINKS1) == ()
+    assert plan1("P(sum)", "R") == [("all_reduce", "tp", 512)]
+    assert plan1(shard(0), shard(1), shape=(10, 6)) == [("all_to_all", "tp", 60)]  # 240 B / 4
+
+
+AXES2 = {"dp": 2, "tp": 4}
+LINKS2 = {"dp": Link(10e9, 5e-6), "tp": Link(100e9, 1e-6)}
+
+
+def plan2(src, dst):
+    return [(c.op, c.axis, c.bytes) for c in redistribute_collectives(src, dst, SHAPE, ITEM, AXES2, LINKS2)]
+
+
+def test_2d_bytes_use_the_other_axis_sharding():
+    # dp keeps rows sharded: the tp all_gather moves an (8/2, 16) slab
+    assert plan2((shard(0), shard(1)), (shard(0), R)) == [("all_gather", "tp", 256)]
+    # both axes on dim 0: the tp gather sees dp's half, the dp gather the whole tensor
+    assert plan2((shard(0), shard(0)), (R, R)) == [("all_gather", "tp", 256), ("all_gather", "dp", 512)]
+
+
+def test_2d_innermost_first_updates_current_placement():
+    # tp reduces first (dp still S(0): 256 B), then dp gathers with tp already R (512 B)
+    assert plan2((shard(0), P), (R, R)) == [("all_reduce", "tp", 256), ("all_gather", "dp", 512)]
+    # dp reduce-scatters after tp went R -> S(1): dp sees a (8, 16/4) tensor
+    assert plan2((P, R), (shard(0), shard(1))) == [("reduce_scatter", "dp", 128)]
+
+
+def test_2d_each_axis_uses_its_link_and_time_sums():
+    cs = redistribute_collectives((shard(0), P), (R, R), SHAPE, ITEM, AXES2, LINKS2)
+    assert [c.time_s for c in cs] == pytest.approx(
+        [collective_time("all_reduce", 256, 4, LINKS2["tp"]), collective_time("all_gather", 512, 2, LINKS2["dp"])])
+    assert redistribute_time((shard(0), P), (R, R), SHAPE, ITEM, AXES2, LINKS2) == pytest.approx(sum(c.time_s for c in cs))
+
+
+def test_size_one_axes_cost_nothing():
+    axes = {"dp": 1, "tp": 4}
+    cs = redistribute_collectives((P, shard(0)), (R, R), SHAPE, ITEM, axes, LINKS2)
+    assert [(c.op, c.axis) for c in cs] == [("all_gather", "tp")]
+
+
+def test_planner_is_cached_and_checks_lengths():
+    a = redistribute_collectives((P, R), (R, R), SHAPE, ITEM, AXES2, LINKS2)
+    assert redistribute_collectives((P, R), (R, R), SHAPE, ITEM, AXES2, LINKS2) is a
+    with pytest.raises(ValueError, match="one placement per mesh axis"):
+        redistribute_collectives((P,), (R, R), SHAPE, ITEM, AXES2, LINKS2)
+    with pytest.raises(ValueError, match="no link"):
+        redistribute_collectives((P, R), (R, R), SHAPE, ITEM, AXES2, {"tp": LINK})

@@ -1,0 +1,90 @@
+"""Small models used by the tests: hand-written and HuggingFace, all deterministic from a seed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    def __init__(self, d=32, hidden=64, out=16):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """A hand-written GPT: causal sdpa attention, layernorm, GELU MLP, tied embeddings."""
+
+    def __init__(self, vocab=128, d=64, heads=4, layers=2, max_len=64):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.wte(ids) + self.wpe(pos)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def hf_gpt2(layers=2, d=64, heads=4, vocab=128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=layers, n_embd=d, n_head=heads, vocab_size=vocab, n_positions=64, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa", use_cache=False,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def hf_llama(layers=2, d=64, heads=4, kv_heads=2, vocab=128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=d, intermediate_size=2 * d, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=64,
+                      attn_implementation="sdpa", use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def build(name: str, seed: int = 0):
+    """(model, example_inputs) for a named test model, identical on every rank."""
+    torch.manual_seed(seed)
+    if name == "mlp":
+        return MLP(), (torch.randn(8, 32),)
+    model = {"gpt": GPT, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama}[name]()
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(seed + 1))
+    return model, (ids,)
+
+
+def logits(out):
+    return out if isinstance(out, torch.Tensor) else out.logits

@@ -1,0 +1,240 @@
+import json
+import sys
+import textwrap
+
+import pytest
+
+from autopar import cli
+from autopar.plan import Plan
+
+
+def gpt_like_plan(*, tp_fc: str = "S(1)", step: float = 0.25, extra_collective: bool = False) -> Plan:
+    params = {}
+    nodes = []
+    for i in range(12):
+        for name, pl, shape in (
+            (f"transformer.h.{i}.attn.c_attn.weight", {"dp": "R", "tp": "S(1)"}, [768, 2304]),
+            (f"transformer.h.{i}.mlp.c_fc.weight", {"dp": "R", "tp": tp_fc if i == 5 else "S(1)"}, [768, 3072]),
+        ):
+            params[name] = pl
+            nodes.append({"name": "p_" + name.replace(".", "_"), "op": "placeholder", "shape": shape,
+                          "dtype": "float32", "placements": pl, "compute_s": 0.0})
+    params["lm_head.weight"] = {"dp": "R", "tp": "S(0)"}
+    nodes.append({"name": "addmm_3", "op": "aten.addmm.default", "shape": [8, 1024, 3072], "dtype": "float32",
+                  "placements": {"dp": "S(0)", "tp": "S(2)"}, "compute_s": 2e-4})
+    collectives = [
+        {"op": "all_reduce", "axis": "tp", "bytes": 6 * 2**20, "time_s": 1e-4 * (k + 1), "phase": "fwd",
+         "tensor": "addmm_3", "node": f"add_{k}", "src": {"tp": "P(sum)"}, "dst": {"tp": "R"}}
+        for k in range(12)
+    ] + [
+        {"op": "all_reduce", "axis": "dp", "bytes": 500 * 2**20, "time_s": 0.02, "phase": "grad_sync",
+         "tensor": "p_transformer_h_5_mlp_c_fc_weight", "node": "optimizer"},
+    ]
+    if extra_collective:
+        collectives.append({"op": "all_gather", "axis": "tp", "bytes": 2**20, "time_s": 5e-5, "phase": "bwd",
+                            "tensor": "addmm_3", "node": "mm_9"})
+    return Plan(
+        mesh={"dp": 2, "tp": 4},
+        hardware="h100-sxm",
+        mode="train",
+        graph_hash="0123456789abcdef",
+        model="GPT2LMHeadModel",
+        step_time_s=step,
+        peak_memory_bytes=12 * 2**30,
+        memory={"params": 2**30, "grads": 2**30, "optimizer": 2 * 2**30, "activations": 8 * 2**30},
+        time_breakdown={"compute_s": 0.2, "comm_fwd_s": 0.0078, "comm_bwd_s": 0.0078, "grad_sync_s": 0.02},
+        param_placements=params,
+        input_placements=[{"dp": "S(0)", "tp": "R"}],
+        nodes=nodes,
+        collectives=collectives,
+        solver={"name": "cp-sat", "status": "OPTIMAL", "objective_s": step, "solve_time_s": 1.5},
+        warnings=["activation memory dominates: consider activation checkpointing"],
+        explanations={
+            "transformer.h.5.mlp.c_fc.weight": {
+                "chosen": "dp=R tp=S(1)",
+                "alternatives": [
+                    {"placements": {"dp": "R", "tp": "R"}, "cost_s": 0.031},
+                    {"placements": {"dp": "R", "tp": "S(0)"}, "cost_s": 0.027},
+                ],
+                "reason": "column-parallel: no forward all-gather, one all-reduce after c_proj",
+            }
+        },
+    )
+
+
+@pytest.fixture
+def plan_path(tmp_path):
+    path = tmp_path / "plan.json"
+    gpt_like_plan().save(path)
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_tables(capsys, plan_path):
+    code, out, _ = run_cli(capsys, "inspect", plan_path)
+    assert code == 0
+    for text in ("GPT2LMHeadModel", "dp=2,tp=4 (8 devices)", "h100-sxm", "0123456789abcdef", "OPTIMAL",
+                 "Parameter placements (25 parameters)", "Memory per device", "Predicted step time",
+                 "activation checkpointing", "Top 10 collectives by time"):
+        assert text in out, text
+    # Repeated layers collapse into one row when their placements agree.
+    assert "transformer.h.{0..11}.attn.c_attn.weight" in out
+    assert "transformer.h.{0..11}.mlp.c_fc.weight" in out
+    assert "(768, 2304)" in out
+    # Collectives aggregated by (phase, op, axis).
+    row = next(line for line in out.splitlines() if line.startswith("fwd") and " 12 " in line)
+    assert "all_reduce" in row and "72.00 MiB" in row
+    assert "500.00 MiB" in out
+
+
+def test_inspect_keeps_differing_layer_apart(capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    gpt_like_plan(tp_fc="R").save(path)
+    _, out, _ = run_cli(capsys, "inspect", path)
+    assert "transformer.h.{0..4,6..11}.mlp.c_fc.weight" in out
+    assert "transformer.h.5.mlp.c_fc.weight" in out
+
+
+def test_inspect_json(capsys, plan_path):
+    code, out, _ = run_cli(capsys, "inspect", plan_path, "--json")
+    assert code == 0
+    assert Plan.from_json(out) == Plan.load(plan_path)
+
+
+def test_inspect_html(capsys, plan_path, tmp_path):
+    report = tmp_path / "report.html"
+    code, _, _ = run_cli(capsys, "inspect", plan_path, "--html", report)
+    assert code == 0
+    text = report.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "<svg" in text and "<table>" in text
+    assert "transformer.h.{0..11}.attn.c_attn.weight" in text
+    assert "src=" not in text and "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "report.html"]
+
+
+def test_html_to_missing_directory_is_refused(capsys, plan_path, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", plan_path, "--html", tmp_path / "nope" / "r.html")
+    assert code == 1 and "autopar: error:" in err and "does not exist" in err
+
+
+def test_explain_param(capsys, plan_path):
+    code, out, _ = run_cli(capsys, "explain", plan_path, "transformer.h.5.mlp.c_fc.weight")
+    assert code == 0
+    assert "parameter placement: dp=R tp=S(1)" in out
+    assert "column-parallel" in out
+    assert "dp=R tp=S(0)" in out and "27.000 ms" in out and "31.000 ms" in out
+    # Alternatives are listed cheapest first.
+    assert out.index("27.000 ms") < out.index("31.000 ms")
+    assert "collectives touching transformer.h.5.mlp.c_fc.weight (1)" in out and "grad_sync" in out
+
+
+def test_explain_node(capsys, plan_path):
+    code, out, _ = run_cli(capsys, "explain", plan_path, "addmm_3")
+    assert code == 0
+    assert "aten.addmm.default" in out and "dp=S(0) tp=S(2)" in out
+    assert "collectives touching addmm_3 (12)" in out
+
+
+def test_explain_unknown_target_suggests(capsys, plan_path):
+    code, _, err = run_cli(capsys, "explain", plan_path, "transformer.h.5.mlp.c_fc.weigth")
+    assert code == 1
+    assert err.startswith("autopar: error:") and "Traceback" not in err
+    assert "transformer.h.5.mlp.c_fc.weight" in err
+
+
+def test_diff(capsys, plan_path, tmp_path):
+    other = tmp_path / "other.json"
+    gpt_like_plan(tp_fc="R", step=0.3, extra_collective=True).save(other)
+    code, out, _ = run_cli(capsys, "diff", plan_path, other)
+    assert code == 0
+    assert "+20.0%" in out
+    assert "Parameter placements that differ (1)" in out
+    row = next(line for line in out.splitlines() if line.startswith("transformer.h.5.mlp.c_fc.weight"))
+    assert "dp=R tp=S(1)" in row and "dp=R tp=R" in row
+    assert "all_gather" in out and "0 -> 1" in out
+    assert "grad_sync" not in out.split("Collective totals that differ")[1]
+
+
+def test_diff_identical(capsys, plan_path):
+    code, out, _ = run_cli(capsys, "diff", plan_path, plan_path)
+    assert code == 0 and "identical" in out
+
+
+def test_bad_plan_file_is_a_clean_error(capsys, tmp_path):
+    path = tmp_path / "bad.json"
+    data = json.loads(gpt_like_plan().to_json())
+    data["schema_version"] = 7
+    path.write_text(json.dumps(data))
+    code, out, err = run_cli(capsys, "inspect", path)
+    assert code == 1 and out == ""
+    assert err.strip() == "autopar: error: plan schema version 7; this autopar reads version 1 (at $.schema_version)"
+    code, _, err = run_cli(capsys, "inspect", tmp_path / "missing.json")
+    assert code == 1 and "does not exist" in err
+
+
+@pytest.mark.parametrize("command", ["profile", "validate"])
+def test_not_implemented_commands(capsys, command):
+    code, _, err = run_cli(capsys, command, "--anything")
+    assert code == 2
+    assert "not implemented yet: tracked in issue 3 (cost model calibration)" in err
+
+
+def test_usage_error_returns_2(capsys):
+    code, _, _ = run_cli(capsys, "inspect")
+    assert code == 2
+
+
+def test_candidate_meshes():
+    assert cli.candidate_meshes(8, 8) == [{"dp": 8}, {"dp": 4, "tp": 2}, {"dp": 2, "tp": 4}, {"tp": 8}]
+    assert cli.candidate_meshes(1024, 8) == [{"dp": 1024}, {"dp": 512, "tp": 2}, {"dp": 256, "tp": 4},
+                                             {"dp": 128, "tp": 8}]
+    assert cli.candidate_meshes(6, 4) == [{"dp": 6}, {"dp": 3, "tp": 2}, {"dp": 2, "tp": 3}]
+    assert cli.candidate_meshes(1, 8) == [{"dp": 1}]
+
+
+def test_run_missing_script(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", tmp_path / "nope.py", "--nproc", "2")
+    assert code == 1 and "does not exist" in err
+
+
+def test_run_launches_gloo_ranks(tmp_path, capfd):
+    script = tmp_path / "allreduce.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import torch
+        import torch.distributed as dist
+
+        assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+        import autopar.placements  # the launcher makes its own autopar importable
+        dist.init_process_group("gloo")
+        t = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(t)
+        assert dist.get_world_size() == 2 and t.item() == 3.0, t
+        if dist.get_rank() == 0:
+            print("ALLREDUCE_OK", sys.argv[1:], flush=True)
+        dist.destroy_process_group()
+    """))
+    code = cli.main(["run", str(script), "--nproc", "2", "--steps", "3"])
+    out, _ = capfd.readouterr()
+    assert code == 0
+    assert "ALLREDUCE_OK ['--steps', '3']" in out
+
+
+def test_run_passes_the_exit_code_on(tmp_path, capfd):
+    script = tmp_path / "fail.py"
+    script.write_text("import sys\nsys.exit(3)\n")
+    code = cli.main(["run", str(script), "--nproc", "1"])
+    capfd.readouterr()
+    assert code != 0
+
+
+def test_console_entry_point_runs_as_module(tmp_path, plan_path):
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "autopar.cli", "inspect", str(plan_path)], capture_output=True, text=True)
+    assert r.returncode == 0 and "Parameter placements" in r.stdout
