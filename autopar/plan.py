@@ -116,8 +116,14 @@ class Plan:
         return cls.from_json(text)
 
     def hash(self) -> str:
-        """sha256 hex digest of the canonical JSON."""
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+        """sha256 hex digest of the canonical JSON, leaving out wall-clock measurements.
+
+        Two ranks that made the same decisions have the same hash even though their solvers
+        took different times.
+        """
+        doc = json.loads(self.to_json())
+        doc["solver"] = {k: v for k, v in doc["solver"].items() if not k.endswith("time_s")}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()
 
     # ---- reading ------------------------------------------------------------------------------
 

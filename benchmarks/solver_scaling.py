@@ -33,15 +33,31 @@ def random_dag_problem(
     memory: float | None = None,
     fanin: int = 3,
     window: int = 8,
-    layouts: int = 6,
+    layouts: int = 12,
+    elementwise: float = 0.6,
 ) -> ShardingProblem:
-    """A random DAG problem; ``memory`` in [0, 1] puts the limit between min and max memory."""
+    """A random DAG problem; ``memory`` in [0, 1] puts the limit between min and max memory.
+
+    A fraction ``elementwise`` of the nodes are elementwise-like: one strategy per layout (up to
+    ``kmax``), each expecting its inputs in the layout it produces.  The others are matmul-like:
+    8-16 strategies, each with a random output layout and a random expected layout per input.
+    ``elementwise=0`` gives fully random (frustrated) problems, the hard case for the LP bound.
+    """
     rng = np.random.default_rng(seed)
     pair = rng.uniform(0.2, 1.0, size=(layouts, layouts))
     np.fill_diagonal(pair, 0.0)
-    ks = rng.integers(kmin, kmax + 1, size=n)
-    out_layout = [rng.integers(0, layouts, size=k) for k in ks]
-    shard = [rng.choice([1, 2, 4, 8], size=k) for k in ks]
+    factor = np.array([1] + [int(rng.choice([2, 4, 8])) for _ in range(layouts - 1)])
+    is_ew = rng.random(n) < elementwise
+    out_layout, ks = [], []
+    for v in range(n):
+        if is_ew[v]:
+            k = min(layouts, kmax)
+            out_layout.append(np.arange(k) % layouts)
+        else:
+            k = int(rng.integers(kmin, kmax + 1))
+            out_layout.append(rng.integers(0, layouts, size=k))
+        ks.append(k)
+    shard = [factor[o] for o in out_layout]
     size = rng.lognormal(0.0, 1.0, size=n) * 1e-3  # seconds to move the whole tensor once
     node_costs, node_memory = [], []
     for v in range(n):
@@ -56,7 +72,7 @@ def random_dag_problem(
         m = int(rng.integers(1, fanin + 1))
         srcs = sorted(set(int(u) for u in rng.integers(lo, v, size=m)) | {v - 1})
         for u in srcs:
-            want = rng.integers(0, layouts, size=ks[v])
+            want = out_layout[v] if is_ew[v] else rng.integers(0, layouts, size=ks[v])
             edges.append((u, v))
             edge_costs.append(size[u] * pair[out_layout[u][:, None], want[None, :]])
     limit = None
@@ -78,6 +94,7 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=20.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--chain", action="store_true", help="fan-in 1 from the previous node only")
+    ap.add_argument("--elementwise", type=float, default=0.6, help="0 = fully random (hard)")
     args = ap.parse_args()
     print(
         f"{'nodes':>6} {'seed':>4} {'core n/e':>11} {'pairs':>7} {'solver':>7} {'status':>9} "
@@ -89,6 +106,7 @@ def main() -> None:
             p = random_dag_problem(
                 n, args.kmin, args.kmax, seed=seed, memory=args.memory,
                 fanin=1 if args.chain else 3, window=1 if args.chain else 8,
+                elementwise=args.elementwise,
             )
             t = time.perf_counter()
             sol = solve(p, time_limit_s=args.time_limit, workers=args.workers)

@@ -96,7 +96,7 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
         if node.op == "placeholder":
             p = g.placeholder(node.name)
             p.meta["val"] = node.meta.get("val")
-            want = out_pls(node.name)
+            want = out_pls(tg.aliases.get(node.name, node.name))
             if node.name in tg.params:
                 env[node] = p
             else:

@@ -144,6 +144,8 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
         resolve[node] = (index[node], 0)
 
     for node in tg.gm.graph.nodes:
+        if node.op == "placeholder" and node.name in tg.aliases:
+            continue  # a tied parameter: planned once, under the placeholder the graph uses
         if node.op == "placeholder":
             val = node.meta.get("val")
             k = "param" if node.name in tg.params else "buffer" if node.name in tg.buffers or node.name in tg.constants else "input"

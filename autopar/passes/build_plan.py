@@ -55,6 +55,9 @@ def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, har
         elif an.kind[v] == "input":
             input_placements.append(outs[0])
 
+    for alias, canonical in an.tg.aliases.items():
+        param_placements[an.tg.params[alias]] = param_placements[an.tg.params[canonical]]
+
     collectives = []
     comm_fwd = comm_bwd = grad_sync = 0.0
     grad_seen: dict[tuple, dict] = {}

@@ -242,7 +242,7 @@ class StrategyEnumerator:
 
     # -- DTensor full-mesh strategy functions ---------------------------------------------------
     def _full_mesh(self, node, ins, input_candidates) -> list[Strategy]:
-        from torch.distributed.tensor._op_schema import OpSchema, OpSpec, OpStrategy
+        from torch.distributed.tensor._op_schema import OpSchema, OpSpec, OpStrategy, TupleStrategy
 
         cands = dict(zip(ins, input_candidates))
 
@@ -254,7 +254,13 @@ class StrategyEnumerator:
                 return val
             return a
 
-        args, kwargs = pytree.tree_map_only(fx.Node, wrap, (node.args, node.kwargs))
+        def wrap_arg(a):
+            if isinstance(a, (list, tuple)) and a and all(isinstance(x, fx.Node) for x in a):
+                return TupleStrategy(tuple(wrap(x) for x in a))  # a tensor list (cat, stack, ...)
+            return pytree.tree_map_only(fx.Node, wrap, a)
+
+        args = tuple(wrap_arg(a) for a in node.args)
+        kwargs = {k: wrap_arg(v) for k, v in node.kwargs.items()}
         schema_info = _dt().op_to_schema_info.get(node.target)
         result = _dt().op_strategy_funcs[node.target](OpSchema(node.target, tuple(args), kwargs, schema_info=schema_info))
         if not isinstance(result, OpStrategy):

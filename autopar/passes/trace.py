@@ -40,6 +40,7 @@ class TracedGraph:
     graph_hash: str
     model_name: str
     warnings: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # tied-parameter placeholder -> the one the graph uses
 
 
 _HINTS = [
@@ -106,6 +107,7 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     constants = {name: ep.constants[key] for name, key in sig.inputs_to_lifted_tensor_constants.items()}
     user_inputs = list(sig.user_inputs)
     gm = ep.graph_module
+    aliases = _tie_aliases(model, gm, params)
     warnings = []
     non_tensor_inputs = [n.name for n in gm.graph.nodes
                          if n.op == "placeholder" and n.name in user_inputs and not isinstance(n.meta.get("val"), torch.Tensor)]
@@ -119,10 +121,34 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
         buffers=buffers,
         constants=constants,
         user_inputs=user_inputs,
+        aliases=aliases,
         graph_hash=graph_hash(gm, params, buffers),
         model_name=type(model).__name__,
         warnings=warnings,
     )
+
+
+def _tie_aliases(model, gm: fx.GraphModule, params: dict[str, str]) -> dict[str, str]:
+    """Make every use of a tied parameter (one tensor under several FQNs, like GPT-2's wte and
+    lm_head) go through one placeholder, so that it gets one placement. Returns alias -> canonical."""
+    by_id: dict[int, list[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(fqn)
+    placeholder_of = {fqn: name for name, fqn in params.items()}
+    aliases = {}
+    for fqns in by_id.values():
+        names = [placeholder_of[f] for f in fqns if f in placeholder_of]
+        if len(names) < 2:
+            continue
+        nodes = {n.name: n for n in gm.graph.nodes if n.op == "placeholder" and n.name in names}
+        canonical = next((n for n in names if nodes[n].users), names[0])
+        for other in names:
+            if other != canonical:
+                nodes[other].replace_all_uses_with(nodes[canonical])
+                aliases[other] = canonical
+    if aliases:
+        gm.recompile()
+    return aliases
 
 
 def tensor_meta(node: fx.Node):
@@ -156,5 +182,7 @@ def graph_hash(gm: fx.GraphModule, params: dict[str, str], buffers: dict[str, st
         vals = val if isinstance(val, (tuple, list)) else (val,)
         shapes = ";".join(f"{tuple(v.shape)}:{v.dtype}" if isinstance(v, torch.Tensor) else "-" for v in vals)
         name = params.get(node.name) or buffers.get(node.name) or ""
+        if node.op == "placeholder" and not node.users:
+            name += "(unused)"
         h.update(f"{node.op}|{node.target if node.op != 'placeholder' else name}|{enc(node.args)}|{enc(node.kwargs)}|{shapes}\n".encode())
     return h.hexdigest()[:16]

@@ -23,13 +23,27 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / max(float(b.float().abs().max()), 1e-3))
 
 
+LR = 1e-2
+
+
 def _optimizer(name, params):
     # GPT-2 has attention key biases whose gradient is mathematically zero; Adam turns their
     # rounding noise into full-size updates, so its steps are checked with SGD + momentum,
     # which is linear in the gradients (FACTS.md, "Comparing numerics").
     if name == "hf_gpt2":
-        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    return torch.optim.AdamW(params, lr=1e-2)
+        return torch.optim.SGD(params, lr=LR, momentum=0.9)
+    return torch.optim.AdamW(params, lr=LR)
+
+
+def _param_tolerance(name) -> float:
+    """Largest allowed |param - reference| after three steps, in absolute terms.
+
+    SGD is linear in the gradients, so it gets the same relative bound as the gradients. Adam
+    normalises each element by its own gradient scale, so an element whose gradient is 1e-9
+    moves by a full lr whatever its rounding; equal gradients to 1e-7 can then move parameters
+    by a few thousandths of lr. A missing or doubled gradient sync moves them by ~lr.
+    """
+    return 1e-6 if name == "hf_gpt2" else 0.02 * LR
 
 
 def _check_models(rank, world, axes, names):
@@ -57,7 +71,8 @@ def _check_models(rank, world, axes, names):
             opt.step(), ref_opt.step()
             opt.zero_grad(), ref_opt.zero_grad()
         for fqn, p in pm.named_parameters():
-            errs["param"] = max(errs["param"], _err(p.full_tensor(), ref_params[fqn].detach()))
+            diff = float((p.full_tensor() - ref_params[fqn].detach()).abs().max())
+            errs["param"] = max(errs["param"], diff)
         report[name] = {"errs": errs, "fixups": list(pm.runtime_fixups),
                         "placements": pm.plan.param_placements, "fqns": sorted(n for n, _ in pm.named_parameters())}
     return report
@@ -73,7 +88,7 @@ def test_outputs_grads_and_steps_match_single_device(axes):
         rep = reports[0][name]
         assert rep["errs"]["out"] < 1e-4, (name, rep["errs"])
         assert rep["errs"]["grad"] < 1e-4, (name, rep["errs"])
-        assert rep["errs"]["param"] < 1e-4, (name, rep["errs"])
+        assert rep["errs"]["param"] < _param_tolerance(name), (name, rep["errs"])
         assert rep["fixups"] == [], (name, rep["fixups"])
         model, _ = __import__("models").build(name)
         assert rep["fqns"] == sorted(n for n, _ in model.named_parameters())
