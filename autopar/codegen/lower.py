@@ -146,7 +146,11 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
         if entry.get("source") in ("autopar", "fallback", "factory") or op_name(node) in OWN_RULES:
             new = g.call_function(local_call, (node.target, tuple(pls_str), tuple(args), kwargs))
         else:
-            new = g.call_function(node.target, tuple(args), kwargs)
+            # view -> reshape: identical values in a functional graph, but a shard whose strides
+            # differ from the traced tensor's (size-1 local dims, kernels run on shards) may not
+            # be viewable; reshape copies only then.
+            target = torch.ops.aten.reshape.default if node.target is torch.ops.aten.view.default else node.target
+            new = g.call_function(target, tuple(args), kwargs)
             new.meta["val"] = node.meta.get("val")
             new = g.call_function(check, (new, tuple(pls_str), node.name))
         new.meta["val"] = node.meta.get("val")

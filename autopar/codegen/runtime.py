@@ -72,12 +72,32 @@ class Executor(fx.Interpreter):
             op, pls, op_args, op_kwargs = args
             local_args, local_kwargs = pytree.tree_map_only(DTensor, lambda t: t.to_local(), (op_args, op_kwargs))
             out = op(*local_args, **local_kwargs)
-            if isinstance(out, (tuple, list)):
-                return type(out)(o if not isinstance(o, torch.Tensor) or p is None else
-                                 DTensor.from_local(o, self.mesh, _placements(p), run_check=False)
-                                 for o, p in zip(out, pls))
-            return DTensor.from_local(out, self.mesh, _placements(pls[0]), run_check=False)
+            metas = self.current_meta if isinstance(self.current_meta, (tuple, list)) else (self.current_meta,)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            wrapped = [o if not isinstance(o, torch.Tensor) or p is None else
+                       DTensor.from_local(_like(o, m), self.mesh, _placements(p), run_check=False)
+                       for o, p, m in zip(outs, pls, metas)]
+            return type(out)(wrapped) if isinstance(out, (tuple, list)) else wrapped[0]
         return super().call_function(target, args, kwargs)
+
+    def run_node(self, n):
+        self.current_meta = n.meta.get("val")
+        return super().run_node(n)
+
+
+def _like(local: torch.Tensor, meta) -> torch.Tensor:
+    """Lay ``local`` out in memory in the same dim order as the traced value ``meta``.
+
+    Later ops in the graph (a ``view`` after a ``permute``) rely on the strides the traced op
+    produced; a kernel run on shards may choose another layout.
+    """
+    if not isinstance(meta, torch.Tensor) or meta.dim() != local.dim() or meta.dim() < 2:
+        return local
+    order = sorted(range(meta.dim()), key=lambda d: -meta.stride()[d])
+    if sorted(range(local.dim()), key=lambda d: -local.stride()[d]) == order:
+        return local
+    inverse = [order.index(d) for d in range(len(order))]
+    return local.permute(order).contiguous().permute(inverse)
 
 
 def sync_gradients(param) -> None:

@@ -199,6 +199,9 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
             dst = cs.ins[e.dst_in]
             cout = cs.outs[0] if cs.outs else None
             for i, src in enumerate(srcs):
+                if any(d.kind == "P" and s_.kind != "P" for s_, d in zip(src, dst)):
+                    m[i, j] = np.inf  # DTensor cannot make a value partial; such strategies need a partial producer
+                    continue
                 t = ctx.time(src, dst, e.shape, e.itemsize)
                 if e.grad:
                     g, need = grad_placements(dst, cout, src)

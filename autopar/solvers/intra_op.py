@@ -93,6 +93,7 @@ _SEED = 20220711  # fixed: part of the determinism contract
 _SUBSOLVERS = ["max_lp", "core"]  # measured in benchmarks/solver_scaling.py; see FACTS.md "Solvers"
 _LINEARISATION = "marginal"  # "compact" (e ≥ s_u + s_v − 1 where R > 0) or "marginal" (equalities)
 _GB = 1e9
+_LOCAL_SEARCH_ROUNDS = 40  # block moves of the hint heuristic (a count, not a time: determinism)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,6 +571,96 @@ def _greedy_hint(red: _Reduced, nodes: list[int]) -> dict[int, int] | None:
     return loc
 
 
+def _forest_dp(
+    red: _Reduced, block: list[int], in_block: set[int], unary: dict[int, np.ndarray]
+) -> dict[int, int]:
+    """Exact min-sum DP on the forest induced by ``block``; local indices, lowest index on ties."""
+    out: dict[int, int] = {}
+    seen: set[int] = set()
+    for root in block:
+        if root in seen:
+            continue
+        order, parent = [root], {root: -1}
+        seen.add(root)
+        for v in order:  # BFS; the list grows while iterating
+            for u in sorted(red.adj[v]):
+                if u in in_block and u not in seen:
+                    seen.add(u)
+                    parent[u] = v
+                    order.append(u)
+        belief = {v: unary[v].copy() for v in order}
+        best_child: dict[int, np.ndarray] = {}
+        for v in reversed(order[1:]):
+            p = parent[v]
+            m = red.mat(p, v) + belief[v][None, :]
+            b = np.argmin(m, axis=1)
+            best_child[v] = b
+            belief[p] = belief[p] + m[np.arange(m.shape[0]), b]
+        out[root] = int(np.argmin(belief[root]))
+        for v in order[1:]:
+            out[v] = int(best_child[v][out[parent[v]]])
+    return out
+
+
+def _tree_search(
+    red: _Reduced, nodes: list[int], loc: dict[int, int], rounds: int, patience: int = 6
+) -> dict[int, int]:
+    """Block coordinate descent: re-solve a random induced forest exactly, given the rest.
+
+    Each round picks (with a fixed seed) a set S of nodes whose induced subgraph is a forest,
+    folds the edges to fixed neighbours into unary costs and solves S by :func:`_forest_dp`.  The
+    move is kept when it lowers the objective (and, with a memory limit, still fits).
+    """
+    rng = np.random.default_rng(_SEED)
+    limit = None if red.mem_limit is None else red.mem_limit - red.mem_offset
+    node_arr = np.array(nodes)
+    cur = _core_cost(red, nodes, loc)
+    stale = 0
+    for _ in range(rounds):
+        parent: dict[int, int] = {}
+
+        def find(a: int) -> int:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        block: list[int] = []
+        for v in rng.permutation(node_arr).tolist():
+            roots = [find(u) for u in red.adj[v] if u in parent]
+            if len(set(roots)) != len(roots):
+                continue
+            parent[v] = v
+            for r in roots:
+                parent[r] = v
+            block.append(v)
+        in_block = set(block)
+        unary = {}
+        for v in block:
+            un = red.unary[v].copy()
+            for u in red.adj[v]:
+                if u not in in_block:
+                    un = un + red.mat(u, v)[loc[u], :]
+            unary[v] = un
+        new = _forest_dp(red, sorted(block), in_block, unary)
+        trial = dict(loc)
+        trial.update(new)
+        if limit is not None:
+            if math.fsum(float(red.mem[v][trial[v]]) for v in nodes) > limit:
+                stale += 1
+                if stale >= patience:
+                    break
+                continue
+        cost = _core_cost(red, nodes, trial)
+        if cost < cur:
+            loc, cur, stale = trial, cost, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    return loc
+
+
 # --------------------------------------------------------------------------------------------------
 # CP-SAT on the reduced core
 # --------------------------------------------------------------------------------------------------
@@ -960,6 +1051,9 @@ def solve(
     else:
         hint = _greedy_hint(red, nodes)
         stats["hint"] = hint is not None
+        if hint is not None:
+            stats["greedy_objective_s"] = red.offset + _core_cost(red, nodes, hint)
+            hint = _tree_search(red, nodes, hint, rounds=_LOCAL_SEARCH_ROUNDS)
         if hint is not None:
             stats["hint_objective_s"] = red.offset + _core_cost(red, nodes, hint)
         try:

@@ -7,6 +7,7 @@ after three optimizer steps are compared with an unparallelized copy of the same
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ from dist_utils import run_ranks
 
 MESHES = [{"tp": 2}, {"dp": 2}, {"dp": 2, "tp": 2}, {"tp": 4}]
 MODELS = ["mlp", "gpt", "hf_gpt2", "hf_llama"]
+# Slow compute on a free network: the solver shards everything it can, so these tests run real
+# tensor- and data-parallel plans rather than the replicated plans tiny models get on real hardware.
+SHARDING_PRESET = os.path.join(os.path.dirname(__file__), "..", "data", "compute_bound.json")
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,7 +58,7 @@ def _check_models(rank, world, axes, names):
     for name in names:
         model, inputs = build(name)
         ref = copy.deepcopy(model)
-        pm = autopar.compile(model, autopar.Mesh(axes), example_inputs=inputs)
+        pm = autopar.compile(model, autopar.Mesh(axes, hardware=SHARDING_PRESET), example_inputs=inputs)
         ref_opt, opt = _optimizer(name, ref.parameters()), _optimizer(name, pm.parameters())
         errs = {"out": 0.0, "grad": 0.0, "param": 0.0}
         for step in range(3):
@@ -74,7 +78,10 @@ def _check_models(rank, world, axes, names):
             diff = float((p.full_tensor() - ref_params[fqn].detach()).abs().max())
             errs["param"] = max(errs["param"], diff)
         report[name] = {"errs": errs, "fixups": list(pm.runtime_fixups),
-                        "placements": pm.plan.param_placements, "fqns": sorted(n for n, _ in pm.named_parameters())}
+                        "placements": pm.plan.param_placements,
+                        "sharded_axes": sorted({a for n in pm.plan.nodes if isinstance(n["placements"], dict)
+                                                for a, p in n["placements"].items() if p.startswith("S(")}),
+                        "fqns": sorted(n for n, _ in pm.named_parameters())}
     return report
 
 
@@ -90,6 +97,7 @@ def test_outputs_grads_and_steps_match_single_device(axes):
         assert rep["errs"]["grad"] < 1e-4, (name, rep["errs"])
         assert rep["errs"]["param"] < _param_tolerance(name), (name, rep["errs"])
         assert rep["fixups"] == [], (name, rep["fixups"])
+        assert rep["sharded_axes"] == sorted(axes), (name, rep["sharded_axes"])  # every axis really shards something
         model, _ = __import__("models").build(name)
         assert rep["fqns"] == sorted(n for n, _ in model.named_parameters())
         # every rank planned and ran the same thing
