@@ -19,11 +19,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d, heads):
+    """A GPT block. ``fused_qkv`` projects q, k and v with one matmul (GPT-2 style)."""
+
+    def __init__(self, d, heads, fused_qkv=True):
         super().__init__()
         self.heads = heads
+        self.fused_qkv = fused_qkv
         self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        if fused_qkv:
+            self.qkv = nn.Linear(d, 3 * d, bias=False)
+        else:
+            self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
         self.proj = nn.Linear(d, d)
         self.ln2 = nn.LayerNorm(d)
         self.fc1 = nn.Linear(d, 4 * d)
@@ -31,7 +37,8 @@ class Block(nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        h = self.ln1(x)
+        q, k, v = self.qkv(h).split(d, dim=-1) if self.fused_qkv else (self.q(h), self.k(h), self.v(h))
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..placements import REPLICATE
 from .annotate import Annotated, CostContext, grad_placements
-from .strategies import op_name
+from .strategies import VIEW_OPS, op_name
 
 
 def _pl_dict(axes, pl) -> dict | None:
@@ -58,6 +58,16 @@ def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, har
     for alias, canonical in an.tg.aliases.items():
         param_placements[an.tg.params[alias]] = param_placements[an.tg.params[canonical]]
 
+    def param_root(v: int) -> int | None:
+        """The parameter a tensor is a pure view of (permute/view chains), if any: a gradient that
+        must be reduced there is that parameter's gradient sync, wherever the model puts it."""
+        while an.kind[v] == "op" and op_name(an.nodes[v]) in VIEW_OPS:
+            feeding = [e.src for e in an.edges if e.dst == v]
+            if len(feeding) != 1:
+                return None
+            v = feeding[0]
+        return v if an.kind[v] == "param" else None
+
     collectives = []
     comm_fwd = comm_bwd = grad_sync = 0.0
     grad_seen: dict[tuple, dict] = {}
@@ -70,9 +80,10 @@ def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, har
             comm_fwd += c.time_s
         if e.grad:
             g, need = grad_placements(dst, s_dst.outs[0] if s_dst.outs else None, src)
-            is_param = an.kind[e.src] == "param"
+            root = param_root(e.src)
             for c in ctx.collectives(g, need, e.shape, e.itemsize):
-                if is_param:
+                if root is not None:
+                    tensor = an.nodes[root].name
                     # Gradients of a parameter used twice (tied embeddings) are summed locally
                     # first and synchronised once: one collective per (parameter, op, axis).
                     key = (tensor, c.op, c.axis)

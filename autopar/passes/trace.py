@@ -68,6 +68,17 @@ def _explain_export_failure(model: torch.nn.Module, exc: BaseException) -> Trace
     )
 
 
+def _addmm_as_mm_plus_bias(bias, mat1, mat2, beta=1, alpha=1):
+    """addmm = bias + mat1 @ mat2, split in two ops so that a row-parallel matmul (partial
+    output) can be reduced before the bias is added once, as Megatron does."""
+    out = torch.ops.aten.mm.default(mat1, mat2)
+    if alpha != 1:
+        out = torch.ops.aten.mul.Tensor(out, alpha)
+    if beta != 1:
+        bias = torch.ops.aten.mul.Tensor(bias, beta)
+    return torch.ops.aten.add.Tensor(out, bias)
+
+
 def _decomposition_table():
     from torch._decomp import core_aten_decompositions
 
@@ -75,6 +86,7 @@ def _decomposition_table():
     for op in list(table):
         if "scaled_dot_product" in str(op):
             del table[op]
+    table[torch.ops.aten.addmm.default] = _addmm_as_mm_plus_bias
     return table
 
 
