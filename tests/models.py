@@ -88,6 +88,8 @@ def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
     if name == "mlp":
         return MLP(), (torch.randn(8, 32),)
+    if name == "convnet":
+        return ConvNet(), (torch.randn(4, 3, 8, 8),)
     model = {"gpt": GPT, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama}[name]()
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(seed + 1))
     return model, (ids,)
@@ -95,3 +97,19 @@ def build(name: str, seed: int = 0):
 
 def logits(out):
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class ConvNet(nn.Module):
+    """A small CNN with BatchNorm (running statistics are buffers the forward pass updates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        x = torch.relu(self.c2(x))
+        return self.fc(x.mean((2, 3)))

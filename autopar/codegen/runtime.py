@@ -187,8 +187,12 @@ class ParallelModule(nn.Module):
                         f"input {n.name!r} has shape {tuple(x.shape)} and dtype {x.dtype}, but the model was compiled for "
                         f"{tuple(want.shape)} {want.dtype}; call autopar.compile again with example inputs of this shape")
                 feed.append(x)
-        out = Executor(st["lowered"], st["mesh"], st["fixups"]).run(*feed)
-        return pytree.tree_unflatten(out, tg.out_spec)
+        out = list(Executor(st["lowered"], st["mesh"], st["fixups"]).run(*feed))
+        n_mut = len(tg.mutated_buffers)
+        with torch.no_grad():  # BatchNorm running statistics and other buffer updates
+            for fqn, new in zip(tg.mutated_buffers, out[:n_mut]):
+                buffers[fqn].copy_(new.detach())
+        return pytree.tree_unflatten(out[n_mut:], tg.out_spec)
 
     def save_checkpoint(self, path) -> None:
         """Save sharded parameters and buffers with torch.distributed.checkpoint (no pickling)."""

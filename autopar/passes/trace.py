@@ -41,6 +41,8 @@ class TracedGraph:
     model_name: str
     warnings: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)  # tied-parameter placeholder -> the one the graph uses
+    # the graph's leading outputs that are new values of buffers (BatchNorm running stats), by FQN
+    mutated_buffers: list[str] = field(default_factory=list)
 
 
 _HINTS = [
@@ -123,6 +125,9 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     warnings = []
     non_tensor_inputs = [n.name for n in gm.graph.nodes
                          if n.op == "placeholder" and n.name in user_inputs and not isinstance(n.meta.get("val"), torch.Tensor)]
+    if any(spec.kind.name not in ("BUFFER_MUTATION", "USER_OUTPUT") for spec in sig.output_specs):
+        kinds = sorted({spec.kind.name for spec in sig.output_specs})
+        raise TraceError(f"the model mutates its inputs or parameters in forward() ({kinds}); make forward() functional")
     if non_tensor_inputs:
         raise TraceError(f"inputs {non_tensor_inputs} are not tensors; pass Python values as constants, not inputs")
     return TracedGraph(
@@ -134,6 +139,7 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
         constants=constants,
         user_inputs=user_inputs,
         aliases=aliases,
+        mutated_buffers=[spec.target for spec in sig.output_specs if spec.kind.name == "BUFFER_MUTATION"],
         graph_hash=graph_hash(gm, params, buffers),
         model_name=type(model).__name__,
         warnings=warnings,

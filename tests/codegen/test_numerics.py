@@ -28,13 +28,15 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 LR = 1e-2
+ZERO_GRAD_MODELS = {"hf_gpt2", "convnet"}
 
 
 def _optimizer(name, params):
-    # GPT-2 has attention key biases whose gradient is mathematically zero; Adam turns their
-    # rounding noise into full-size updates, so its steps are checked with SGD + momentum,
-    # which is linear in the gradients (FACTS.md, "Comparing numerics").
-    if name == "hf_gpt2":
+    # GPT-2's attention key biases and the conv bias before BatchNorm have gradients that are
+    # mathematically zero; Adam turns their rounding noise into full-size updates, so these
+    # models' steps are checked with SGD + momentum, which is linear in the gradients
+    # (FACTS.md, "Comparing numerics").
+    if name in ZERO_GRAD_MODELS:
         return torch.optim.SGD(params, lr=LR, momentum=0.9)
     return torch.optim.AdamW(params, lr=LR)
 
@@ -47,7 +49,7 @@ def _param_tolerance(name) -> float:
     moves by a full lr whatever its rounding; equal gradients to 1e-7 can then move parameters
     by a few thousandths of lr. A missing or doubled gradient sync moves them by ~lr.
     """
-    return 1e-6 if name == "hf_gpt2" else 0.02 * LR
+    return 1e-6 if name in ZERO_GRAD_MODELS else 0.02 * LR
 
 
 def _check_models(rank, world, axes, names):
@@ -102,3 +104,11 @@ def test_outputs_grads_and_steps_match_single_device(axes):
         assert rep["fqns"] == sorted(n for n, _ in model.named_parameters())
         # every rank planned and ran the same thing
         assert all(r[name]["placements"] == rep["placements"] for r in reports)
+
+
+def test_convnet_with_batchnorm_on_dp2():
+    reports = run_ranks(_check_models, 2, {"dp": 2}, ["convnet"])
+    rep = reports[0]["convnet"]
+    assert rep["errs"]["out"] < 1e-4 and rep["errs"]["grad"] < 1e-4, rep["errs"]
+    assert rep["errs"]["param"] < _param_tolerance("convnet"), rep["errs"]
+    assert rep["fixups"] == []
