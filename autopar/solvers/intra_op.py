@@ -59,8 +59,10 @@ term and ``UB`` the sum of every node's and edge's largest term, so coefficients
 any objective below 2^52.  Each term is then off by at most ``0.5 / scale`` seconds (≈ 5e-10 · C_max), so
 the scaled optimum is within ``(#terms) / scale`` seconds of the true optimum; ``stats`` reports that
 bound as ``rounding_bound_s``, and "OPTIMAL" means optimal for the scaled objective.  Memory is
-scaled by an integer unit (1 byte unless the total would exceed 2^52) with coefficients rounded up
-and the limit rounded down, so a returned choice always meets the limit exactly.
+counted in units of a power of two ``u`` (the smallest with ``Σ_v (max m_v − min m_v) ≤ 2^40 u``,
+so 1 byte or less for up to a TB), coefficients rounded up and the limit rounded down: a returned
+choice always meets the limit, and integral byte counts are exact.  (Otherwise a choice within
+``N·u`` bytes of the limit may be cut off; ``stats["memory_unit_bytes"]`` reports ``u``.)
 
 Determinism
 -----------
@@ -507,6 +509,13 @@ def _core_cost(red: _Reduced, nodes: list[int], loc: dict[int, int]) -> float:
     return tot
 
 
+def _memory_price(red: _Reduced, nodes: list[int]) -> float:
+    """A small starting price (seconds per byte) for the Lagrangian memory repair."""
+    spread_c = math.fsum(float(np.ptp(red.unary[v])) for v in nodes)
+    spread_m = math.fsum(float(np.ptp(red.mem[v])) for v in nodes)
+    return 1e-3 * (spread_c / spread_m if spread_m > 0 and spread_c > 0 else 1e-12)
+
+
 def _greedy_hint(red: _Reduced, nodes: list[int]) -> dict[int, int] | None:
     """Greedy in node order, then best-response sweeps; repaired to meet memory. Local indices.
 
@@ -556,10 +565,7 @@ def _greedy_hint(red: _Reduced, nodes: list[int]) -> dict[int, int] | None:
         sweeps(0.0, False, 4)
         return loc
     if used() > limit:
-        spread_c = math.fsum(float(np.ptp(red.unary[v])) for v in nodes)
-        spread_m = math.fsum(float(np.ptp(red.mem[v])) for v in nodes)
-        lam = (spread_c / spread_m) if spread_m > 0 and spread_c > 0 else 1e-12
-        lam *= 1e-3
+        lam = _memory_price(red, nodes)
         for _ in range(60):
             sweeps(lam, False, 2)
             if used() <= limit:
@@ -642,15 +648,21 @@ def _tree_search(
                 if u not in in_block:
                     un = un + red.mat(u, v)[loc[u], :]
             unary[v] = un
-        new = _forest_dp(red, sorted(block), in_block, unary)
-        trial = dict(loc)
-        trial.update(new)
-        if limit is not None:
-            if math.fsum(float(red.mem[v][trial[v]]) for v in nodes) > limit:
-                stale += 1
-                if stale >= patience:
-                    break
-                continue
+        trial = None
+        lam = 0.0
+        for _attempt in range(1 if limit is None else 12):
+            priced = unary if not lam else {v: unary[v] + lam * red.mem[v] for v in block}
+            cand = dict(loc)
+            cand.update(_forest_dp(red, sorted(block), in_block, priced))
+            if limit is None or math.fsum(float(red.mem[v][cand[v]]) for v in nodes) <= limit:
+                trial = cand
+                break
+            lam = 4.0 * lam if lam else _memory_price(red, nodes)
+        if trial is None:
+            stale += 1
+            if stale >= patience:
+                break
+            continue
         cost = _core_cost(red, nodes, trial)
         if cost < cur:
             loc, cur, stale = trial, cost, 0
@@ -793,8 +805,8 @@ def _cpsat(
         slack = red.mem_limit - red.mem_offset - math.fsum(mins.values())
         extra = {v: red.mem[v] - mins[v] for v in nodes}
         total = math.fsum(float(e.max()) for e in extra.values())
-        if total > 2.0**52:
-            mem_unit = total / 2.0**52
+        # a power of two, so that integral byte counts stay exact while the total stays <= 2^40
+        mem_unit = 2.0 ** math.ceil(math.log2(total / 2.0**40)) if total > 0 else 1.0
         ct = proto.constraints.add()
         lin = ct.linear
         for v in nodes:
@@ -804,6 +816,7 @@ def _cpsat(
                     lin.vars.append(x[v][i])
                     lin.coeffs.append(int(c))
         lin.domain.extend([0, int(math.floor(slack / mem_unit))])
+        stats["memory_unit_bytes"] = mem_unit
 
     if hint is not None:
         for v in nodes:
@@ -1054,8 +1067,11 @@ def solve(
         if hint is not None:
             stats["greedy_objective_s"] = red.offset + _core_cost(red, nodes, hint)
             hint = _tree_search(red, nodes, hint, rounds=_LOCAL_SEARCH_ROUNDS)
+        stats["heuristic_time_s"] = time.perf_counter() - t_pre
         if hint is not None:
             stats["hint_objective_s"] = red.offset + _core_cost(red, nodes, hint)
+            say(f"heuristic: objective {stats['hint_objective_s']:.4g} s after "
+                f"{time.perf_counter() - t0:.2f} s")
         try:
             loc, status = _cpsat(red, nodes, hint, time_limit_s, workers, progress, t0, stats)
         except _Infeasible:
