@@ -40,7 +40,7 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     tg = trace(model, example_inputs, example_kwargs)
     say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     return plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
-                       progress=say, trainable={n for n, p in model.named_parameters() if p.requires_grad})
+                       progress=say, trainable={n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad})
 
 
 def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None):
@@ -88,7 +88,7 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
     if plan is None:
         plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                            progress=progress or (lambda m: None),
-                           trainable={n for n, p in model.named_parameters() if p.requires_grad})
+                           trainable={n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad})
     else:
         check_graph_hash(plan, tg.graph_hash)
         if dict(plan.mesh) != dict(mesh.axes):

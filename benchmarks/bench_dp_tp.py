@@ -22,27 +22,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
-class CollectiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the bytes each functional collective moves, in the plan's conventions."""
-
-    def __init__(self, world):
-        super().__init__()
-        self.world = world
-        self.bytes: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if func.namespace == "_c10d_functional" and name not in ("wait_tensor", "_wrap_tensor_autograd"):
-            t = args[0]
-            n = t.numel() * t.element_size()
-            op = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
-                  "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}.get(name, name)
-            if op == "all_gather":
-                n *= self.world
-            self.bytes[op] = self.bytes.get(op, 0) + n
-        return func(*args, **(kwargs or {}))
-
-
 def _time(step, steps):
     import torch.distributed as dist
 
@@ -61,6 +40,7 @@ def _bench(rank, world, model_name, steps):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import autopar
+    from autopar.codegen.comm_counter import CollectiveCounter, predicted_bytes
     from models import MLP, build, logits
 
     if model_name == "mlp":
@@ -80,15 +60,11 @@ def _bench(rank, world, model_name, steps):
         opt.zero_grad()
 
     ap_step()
-    counter = CollectiveBytes(world)
-    with counter:
+    with CollectiveCounter() as counter:
         ap_step()
     res["autopar"] = _time(ap_step, steps)
     res["measured_bytes"] = counter.bytes
-    predicted: dict[str, int] = {}
-    for c in pm.plan.collectives:
-        predicted[c["op"]] = predicted.get(c["op"], 0) + c["bytes"]
-    res["predicted_bytes"] = predicted
+    res["predicted_bytes"] = predicted_bytes(pm.plan)
     res["predicted_step_s"] = pm.plan.step_time_s
     res["plan"] = {k: str(v) for k, v in list(pm.plan.param_placements.items())[:4]}
 

@@ -13,6 +13,7 @@ factor.  Inputs come from a window of recent nodes (residual-style DAG, not a tr
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -84,8 +85,16 @@ def random_dag_problem(
     return ShardingProblem(node_costs, node_memory, edges, edge_costs, limit, names)
 
 
+def _cpu() -> float:
+    """CPU seconds of this process (all threads): robust to other load on the machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--nodes", type=int, nargs="*", default=[100, 500, 1000])
     ap.add_argument("--kmin", type=int, default=8)
     ap.add_argument("--kmax", type=int, default=16)
@@ -94,32 +103,37 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=20.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--chain", action="store_true", help="fan-in 1 from the previous node only")
+    ap.add_argument("--fanin", type=int, default=3, help="up to this many random inputs per node")
+    ap.add_argument("--window", type=int, default=8, help="inputs come from this many previous nodes")
     ap.add_argument("--elementwise", type=float, default=0.6, help="0 = fully random (hard)")
     args = ap.parse_args()
     print(
         f"{'nodes':>6} {'seed':>4} {'core n/e':>11} {'pairs':>7} {'solver':>7} {'status':>9} "
-        f"{'presolve':>8} {'total':>7} {'objective':>10} {'gap':>8}"
+        f"{'presolve':>8} {'heur':>6} {'total':>7} {'cpu':>7} {'objective':>10} {'gap':>8} {'hint':>8}"
     )
     for n in args.nodes:
         times = []
         for seed in range(args.seeds):
             p = random_dag_problem(
                 n, args.kmin, args.kmax, seed=seed, memory=args.memory,
-                fanin=1 if args.chain else 3, window=1 if args.chain else 8,
+                fanin=1 if args.chain else args.fanin, window=1 if args.chain else args.window,
                 elementwise=args.elementwise,
             )
-            t = time.perf_counter()
+            t, c = time.perf_counter(), _cpu()
             sol = solve(p, time_limit_s=args.time_limit, workers=args.workers)
-            dt = time.perf_counter() - t
+            dt, cpu = time.perf_counter() - t, _cpu() - c
             times.append(dt)
             st = sol.stats
-            gap = ""
+            gap = hint = ""
             if "cp_bound_s" in st and sol.objective > 0:
                 gap = f"{(sol.objective - st['cp_bound_s']) / sol.objective:.2%}"
+            if "hint_objective_s" in st and sol.objective > 0:
+                hint = f"+{(st['hint_objective_s'] - sol.objective) / sol.objective:.2%}"
             print(
                 f"{n:>6} {seed:>4} {st['nodes_after']:>5}/{st['edges_after']:<5} "
                 f"{st.get('cp_pair_vars', 0):>7} {st['solver']:>7} {sol.status:>9} "
-                f"{st['presolve_time_s']:>7.2f}s {dt:>6.2f}s {sol.objective:>10.5g} {gap:>8}",
+                f"{st['presolve_time_s']:>7.2f}s {st.get('heuristic_time_s', 0):>5.2f}s "
+                f"{dt:>6.2f}s {cpu:>6.2f}s {sol.objective:>10.5g} {gap:>8} {hint:>8}",
                 flush=True,
             )
         print(f"{n:>6} median {statistics.median(times):.2f} s, max {max(times):.2f} s", flush=True)

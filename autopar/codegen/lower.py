@@ -22,6 +22,7 @@ all-reduce, or ZeRO's reduce-scatter).
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -80,16 +81,20 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
         p = p[idx] if isinstance(p, list) else p
         return None if p is None else _pl(p, axes)
 
+    moves: dict[tuple, fx.Node] = {}  # (tensor, placements) -> its redistribution, shared by consumers
+
     def move(new_in: fx.Node, src_meta_node: fx.Node, want: tuple) -> fx.Node:
         have = placed.get(new_in)
         if have is None or have == want:
             return new_in
+        if (new_in, want) in moves:
+            return moves[new_in, want]
         val = src_meta_node.meta["val"]
         r = g.call_function(redistribute, (new_in, tuple(map(str, want))))
-        r.meta[META_COLL] = [c.__dict__ if hasattr(c, "__dict__") else dict(c._asdict()) if hasattr(c, "_asdict") else c
-                             for c in collectives_of(have, want, tuple(val.shape), val.element_size())]
+        r.meta[META_COLL] = [dataclasses.asdict(c) for c in collectives_of(have, want, tuple(val.shape), val.element_size())]
         r.meta["val"] = val
         placed[r] = want
+        moves[new_in, want] = r
         return r
 
     for node in tg.gm.graph.nodes:

@@ -46,7 +46,7 @@ class Executor(fx.Interpreter):
 
         if target is L.redistribute:
             x, pls = args
-            return x.redistribute(self.mesh, _placements(pls))
+            return _dense(_ContiguousGrad.apply(x).redistribute(self.mesh, _placements(pls)))
         if target is L.from_full:
             x, pls = args
             if isinstance(x, DTensor):
@@ -83,6 +83,27 @@ class Executor(fx.Interpreter):
     def run_node(self, n):
         self.current_meta = n.meta.get("val")
         return super().run_node(n)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; makes the gradient contiguous on its way back.
+
+    A redistribution's backward can hand back a non-contiguous shard (gloo's all-to-all
+    fallback chunks a gathered tensor), which DTensor's view rules, computed from global
+    strides, do not expect."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def _dense(x):
+    """A redistributed DTensor whose shard is laid out contiguously, as its global strides say."""
+    return x if x.to_local().is_contiguous() else x.contiguous()
 
 
 def _like(local: torch.Tensor, meta) -> torch.Tensor:

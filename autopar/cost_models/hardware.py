@@ -46,6 +46,8 @@ class Hardware:
     devices_per_node: int
     intra_node: Link
     inter_node: Link
+    # The collective backend has no all-to-all (gloo): DTensor gathers instead, at n times the bytes.
+    all_to_all_as_all_gather: bool = False
 
     def __hash__(self) -> int:  # peak_flops is a dict, so hash its items
         return hash((self.name, tuple(sorted(self.peak_flops.items())), self.memory_bandwidth_Bps,
@@ -124,4 +126,12 @@ def _from_dict(data: object, source: str) -> Hardware:
         devices_per_node=devices,
         intra_node=link("intra_node"),
         inter_node=link("inter_node"),
+        all_to_all_as_all_gather=_flag(data, "all_to_all_as_all_gather", bad),
     )
+
+
+def _flag(data: dict, field: str, bad) -> bool:
+    value = data.get(field, False)
+    if not isinstance(value, bool):
+        raise bad(field, f"must be true or false, got {value!r}")
+    return value

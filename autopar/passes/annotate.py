@@ -16,7 +16,10 @@ Costs, all in seconds per training (or inference) step, from one hardware preset
   if v took it as ``R`` but v's output is not ``R`` on that axis (a contraction against a sharded
   operand: Megatron's backward all-reduce, and data parallelism's gradient all-reduce), and the
   input placement otherwise; u needs it as ``S(d)`` if u's output was ``S(d)`` and as ``R``
-  otherwise;
+  otherwise. When k consumers send gradients back to one tensor, they are summed locally and
+  reduced once, so each edge pays 1/k of that backward collective. A forward redistribution is
+  charged to every edge that needs it (an upper bound: consumers that want the same placement
+  share one in the lowered program);
 * memory m_v[j]: bytes per device that stay live at the training peak (the start of the
   backward pass): parameters with their gradient and two AdamW moments, plus every saved
   activation. In inference only parameters count in the constraint.
@@ -32,13 +35,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..cost_models.comm import axis_links, redistribute_collectives
+from ..cost_models.comm import Collective, axis_links, collective_time
 from ..cost_models.compute import compute_time, op_bytes, op_flops
 from ..cost_models.hardware import Hardware
 from ..placements import REPLICATE, Placement, local_shape
 from ..solvers.intra_op import ShardingProblem
 from .strategies import (SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, op_name, outputs_meta,
-                         tensor_candidates, tensor_inputs)
+                         redistribute_steps, tensor_candidates, tensor_inputs)
 from .trace import TracedGraph
 
 ADAMW_BYTES_PER_ELEMENT = 7  # AdamW touches p, g, m, v (read) and p, m, v (write): 7 tensors
@@ -80,23 +83,57 @@ class Annotated:
 
 
 class CostContext:
-    """Shared, cached cost queries for one mesh on one hardware preset."""
+    """Shared, cached cost queries for one mesh on one hardware preset.
+
+    A redistribution is priced step by step, in the order DTensor executes it
+    (``strategies.redistribute_steps``): per mesh axis, P→R is an all-reduce, P→S(d) a
+    reduce-scatter, S(d)→R an all-gather and S(d)→S(e) an all-to-all, each of the tensor's
+    logical size on that axis (one rank's buffer for all-to-all). Backends without all-to-all
+    (gloo) run it as an all-gather of the logical size, and are priced so.
+    """
 
     def __init__(self, axes: dict[str, int], hw: Hardware):
         self.axes = axes
+        self.names = tuple(axes)
         self.axis_sizes = tuple(axes.values())
         self.hw = hw
         self.links = axis_links(axes, hw)
+        self.a2a_as_all_gather = bool(getattr(hw, "all_to_all_as_all_gather", False))
         self._cache: dict = {}
 
-    def collectives(self, src: tuple, dst: tuple, shape: tuple, itemsize: int):
+    def collectives(self, src: tuple, dst: tuple, shape: tuple, itemsize: int) -> tuple:
         if src == dst:
             return ()
         key = (src, dst, shape, itemsize)
         hit = self._cache.get(key)
         if hit is None:
-            hit = self._cache[key] = redistribute_collectives(src, dst, shape, itemsize, self.axes, self.links)
+            hit = self._cache[key] = tuple(self._price(src, dst, shape, itemsize))
         return hit
+
+    def _price(self, src, dst, shape, itemsize):
+        cur = list(src)
+        for dim, a, b, logical in redistribute_steps(self.axes, src, dst, shape, itemsize):
+            n = self.axis_sizes[dim]
+            # DTensor's logical shape on an axis has the outer axes' shards applied; the inner
+            # axes that currently shard the tensor shrink the buffer too.
+            size = list(logical)
+            for other in range(dim + 1, len(cur)):
+                if cur[other].kind == "S":
+                    size[cur[other].dim % len(shape)] //= self.axis_sizes[other]
+            cur[dim] = b
+            nbytes = math.prod(size) * itemsize
+            if a.kind == "P" and b.kind == "R":
+                op = "all_reduce"
+            elif a.kind == "P" and b.kind == "S":
+                op = "reduce_scatter"
+            elif a.kind == "S" and b.kind == "R":
+                op = "all_gather"
+            elif a.kind == "S" and b.kind == "S":
+                op, nbytes = ("all_gather", nbytes) if self.a2a_as_all_gather else ("all_to_all", nbytes // n)
+            else:
+                continue  # R→S is a local slice; R→P keeps the value on one rank
+            axis = self.names[dim]
+            yield Collective(op, axis, int(nbytes), collective_time(op, nbytes, n, self.links[axis]))
 
     def time(self, src, dst, shape, itemsize) -> float:
         return sum(c.time_s for c in self.collectives(src, dst, shape, itemsize))
@@ -190,6 +227,13 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
         node_cost.append(np.array([_node_time(node, kind[v], s, ctx, train, needs_grad.get(node, False)) for s in strategies[v]]))
         node_mem.append(np.array([_node_memory(node, kind[v], s, ctx, train, needs_grad.get(node, False)) for s in strategies[v]], dtype=float))
 
+    # A gradient that several consumers send back to one tensor is summed locally and reduced
+    # once, so each of those edges pays an equal share of the backward collective.
+    grad_fanout: dict[tuple[int, int], int] = {}
+    for e in edges:
+        if e.grad:
+            grad_fanout[e.src, e.src_out] = grad_fanout.get((e.src, e.src_out), 0) + 1
+
     edge_cost = []
     for e in edges:
         consumer = strategies[e.dst]
@@ -205,7 +249,7 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
                 t = ctx.time(src, dst, e.shape, e.itemsize)
                 if e.grad:
                     g, need = grad_placements(dst, cout, src)
-                    t += ctx.time(g, need, e.shape, e.itemsize)
+                    t += ctx.time(g, need, e.shape, e.itemsize) / grad_fanout[e.src, e.src_out]
                 m[i, j] = t
         edge_cost.append(m)
 

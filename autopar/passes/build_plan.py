@@ -70,27 +70,29 @@ def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, har
 
     collectives = []
     comm_fwd = comm_bwd = grad_sync = 0.0
-    grad_seen: dict[tuple, dict] = {}
-    for e, m in zip(an.edges, an.edge_cost):
+    seen: set[tuple] = set()
+    for e in an.edges:
         s_src, s_dst = chosen[e.src], chosen[e.dst]
         src, dst = s_src.outs[e.src_out], s_dst.ins[e.dst_in]
         tensor, consumer = an.nodes[e.src].name, an.nodes[e.dst].name
-        for c in ctx.collectives(src, dst, e.shape, e.itemsize):
-            collectives.append(_coll(c, "fwd", tensor, consumer, src, dst, axes))
-            comm_fwd += c.time_s
+        if (e.src, e.src_out, dst) not in seen:  # consumers wanting the same placement share one
+            seen.add((e.src, e.src_out, dst))
+            for c in ctx.collectives(src, dst, e.shape, e.itemsize):
+                collectives.append(_coll(c, "fwd", tensor, consumer, src, dst, axes))
+                comm_fwd += c.time_s
         if e.grad:
             g, need = grad_placements(dst, s_dst.outs[0] if s_dst.outs else None, src)
             root = param_root(e.src)
             for c in ctx.collectives(g, need, e.shape, e.itemsize):
+                # Gradients from several consumers (q, k and v of one input; tied embeddings)
+                # are summed locally first and reduced once: one collective per (tensor, op, axis).
+                owner = an.nodes[root].name if root is not None else tensor
+                key = (owner, e.src_out, c.op, c.axis)
+                if key in seen:
+                    continue
+                seen.add(key)
                 if root is not None:
-                    tensor = an.nodes[root].name
-                    # Gradients of a parameter used twice (tied embeddings) are summed locally
-                    # first and synchronised once: one collective per (parameter, op, axis).
-                    key = (tensor, c.op, c.axis)
-                    if key in grad_seen:
-                        continue
-                    grad_seen[key] = _coll(c, "grad_sync", tensor, consumer, g, need, axes)
-                    collectives.append(grad_seen[key])
+                    collectives.append(_coll(c, "grad_sync", owner, consumer, g, need, axes))
                     grad_sync += c.time_s
                 else:
                     collectives.append(_coll(c, "bwd", tensor, consumer, g, need, axes))

@@ -94,8 +94,39 @@ def _dt():
     return DTensor._op_dispatcher.sharding_propagator
 
 
+def redistribute_steps(axes: dict[str, int], src: Pl, dst: Pl, shape: tuple, itemsize: int) -> list[tuple]:
+    """The steps DTensor takes to move a tensor from ``src`` to ``dst`` placements, in its order:
+    ``[(axis index, from placement, to placement, logical shape on that axis), ...]``.
+
+    The cost model prices exactly these steps, so predicted collectives are the ones that run.
+    """
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+    from torch.distributed.tensor._redistribute import _gen_transform_infos
+
+    mesh = abstract_device_mesh(axes)
+    dtype = {1: torch.int8, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}.get(itemsize, torch.float32)
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    meta = TensorMeta(torch.Size(shape), stride, dtype)
+    infos = _gen_transform_infos(DTensorSpec(mesh, tuple(map(to_dtensor_placement, src)), meta),
+                                 DTensorSpec(mesh, tuple(map(to_dtensor_placement, dst)), meta))
+    return [(i.mesh_dim, from_dtensor_placement(i.src_dst_placements[0]), from_dtensor_placement(i.src_dst_placements[1]),
+             tuple(int(x) for x in i.logical_shape)) for i in infos]
+
+
+_MESHES: dict[tuple, object] = {}
+
+
 def abstract_device_mesh(axes: dict[str, int]):
     """A DeviceMesh with no process group, for building DTensor specs while planning."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    key = tuple(axes.items())
+    if key not in _MESHES:
+        _MESHES[key] = _new_abstract_mesh(axes)
+    return _MESHES[key]
+
+
+def _new_abstract_mesh(axes: dict[str, int]):
     from torch.distributed.device_mesh import DeviceMesh
 
     shape = tuple(axes.values())

@@ -122,6 +122,7 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     user_inputs = list(sig.user_inputs)
     gm = ep.graph_module
     aliases = _tie_aliases(model, gm, params)
+    _merge_duplicate_views(gm)
     warnings = []
     non_tensor_inputs = [n.name for n in gm.graph.nodes
                          if n.op == "placeholder" and n.name in user_inputs and not isinstance(n.meta.get("val"), torch.Tensor)]
@@ -167,6 +168,31 @@ def _tie_aliases(model, gm: fx.GraphModule, params: dict[str, str]) -> dict[str,
     if aliases:
         gm.recompile()
     return aliases
+
+
+_PURE_VIEWS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.permute.default",
+               "aten.transpose.int", "aten.t.default", "aten.expand.default", "aten.unsqueeze.default",
+               "aten.squeeze.dim", "aten.alias.default"}
+
+
+def _merge_duplicate_views(gm: fx.GraphModule) -> None:
+    """Common-subexpression elimination for view ops: ``x.view(s)`` taken once per consumer (the
+    input of q, k and v projections) becomes one node, so the gradients its consumers send back
+    meet in one place, as they do in autograd."""
+    seen: dict[tuple, fx.Node] = {}
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or str(node.target) not in _PURE_VIEWS:
+            continue
+        key = (node.target, repr(node.args), repr(sorted(node.kwargs.items())))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
+            changed = True
+        else:
+            seen[key] = node
+    if changed:
+        gm.recompile()
 
 
 def tensor_meta(node: fx.Node):

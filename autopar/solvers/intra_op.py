@@ -68,11 +68,15 @@ Determinism
 -----------
 Each rank of a distributed job solves the same problem independently, and the plans' hashes are
 compared, so the same problem must give the same choice in every process.  Reductions iterate in
-node order and break ties towards the lowest strategy index; CP-SAT runs with
-``interleave_search=True`` (its deterministic parallel mode, independent of the number of workers),
-a fixed ``random_seed`` and ``max_deterministic_time = time_limit_s`` (work units, roughly seconds on
-a modern core).  A wall-clock safety net of ``4 · time_limit_s + 10`` seconds also applies; if it fires
-(``stats["wall_limit_hit"]``) the choice may differ between processes.
+node order and break ties towards the lowest strategy index; the hint heuristic uses a fixed-seed
+generator and counts rounds, never seconds.  CP-SAT runs with ``interleave_search=True`` (its
+deterministic parallel mode: tasks run in batches and share information only between batches), a
+fixed ``random_seed``, and ``max_deterministic_time = time_limit_s`` (CP-SAT's work units, meant to
+be about a second each; see the measurements in ``benchmarks/solver_scaling.py``) instead of a
+wall-clock limit.  The same inputs, ``workers`` and OR-Tools version therefore give the same choice;
+``tests/solvers/test_intra_op.py`` checks this across processes.  A wall-clock safety net of
+``10 · time_limit_s + 30`` seconds also applies; if it fires (``stats["wall_limit_hit"]``, only on a
+badly overloaded machine) the choice may differ between processes.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ _SEED = 20220711  # fixed: part of the determinism contract
 _SUBSOLVERS = ["max_lp", "core"]  # measured in benchmarks/solver_scaling.py; see FACTS.md "Solvers"
 _LINEARISATION = "marginal"  # "compact" (e ≥ s_u + s_v − 1 where R > 0) or "marginal" (equalities)
 _GB = 1e9
+_WALL_SAFETY_FACTOR = 10.0  # wall-clock net = 10 · time_limit_s + 30 s (see "Determinism")
 _LOCAL_SEARCH_ROUNDS = 40  # block moves of the hint heuristic (a count, not a time: determinism)
 
 
@@ -516,12 +521,15 @@ def _memory_price(red: _Reduced, nodes: list[int]) -> float:
     return 1e-3 * (spread_c / spread_m if spread_m > 0 and spread_c > 0 else 1e-12)
 
 
-def _greedy_hint(red: _Reduced, nodes: list[int]) -> dict[int, int] | None:
-    """Greedy in node order, then best-response sweeps; repaired to meet memory. Local indices.
+def _greedy_hint(
+    red: _Reduced, nodes: list[int], init: dict[int, int] | None = None
+) -> dict[int, int] | None:
+    """Greedy in node order (or ``init``), then best-response sweeps; repaired to meet memory.
 
-    The repair raises a price λ on memory (``score = cost + λ·m``) until the choice fits.
+    Local indices.  The repair raises a price λ on memory (``score = cost + λ·m``) until the
+    choice fits.
     """
-    loc: dict[int, int] = {}
+    loc: dict[int, int] = dict(init or {})
 
     def score_of(v: int) -> np.ndarray:
         score = red.unary[v].copy()
@@ -530,7 +538,7 @@ def _greedy_hint(red: _Reduced, nodes: list[int]) -> dict[int, int] | None:
                 score = score + red.mat(u, v)[loc[u], :]
         return score
 
-    for v in nodes:
+    for v in nodes if init is None else ():
         score = score_of(v)
         i = int(np.argmin(score))
         if not np.isfinite(score[i]):
@@ -845,7 +853,7 @@ def _cpsat(
     prm.random_seed = _SEED
     prm.subsolvers.extend(_SUBSOLVERS)
     prm.max_deterministic_time = float(time_limit_s)
-    prm.max_time_in_seconds = 4.0 * float(time_limit_s) + 10.0
+    prm.max_time_in_seconds = _WALL_SAFETY_FACTOR * float(time_limit_s) + 30.0
     prm.log_search_progress = False
 
     class _Cb(cp_model.CpSolverSolutionCallback):
@@ -1057,12 +1065,29 @@ def solve(
         f"({t_pre - t0:.2f} s)"
     )
 
+    free_choice = None
+    if nodes and mem_limit is not None:
+        # The unconstrained problem may be a forest: if its DP optimum fits, it is optimal here too.
+        free = _Reduced(problem, None)
+        try:
+            free.run(eliminate=True)
+        except _Infeasible:
+            raise InfeasibleError(_explain(problem)) from None
+        if not free.live():
+            free_choice = free.back_substitute({})
+            if peak_memory(problem, free_choice) <= limit:
+                red, nodes = free, []
+                say("dp: the unconstrained optimum meets the memory limit")
+
     if not nodes:
         choice = red.back_substitute({})
-        stats["solver"] = "dp" if mem_limit is None else "presolve"
+        stats["solver"] = "dp" if (mem_limit is None or free_choice is not None) else "presolve"
         status = "OPTIMAL"
     else:
-        hint = _greedy_hint(red, nodes)
+        init = None
+        if free_choice is not None and all(free_choice[v] in red.dom[v] for v in nodes):
+            init = {v: int(np.searchsorted(red.dom[v], free_choice[v])) for v in nodes}
+        hint = _greedy_hint(red, nodes, init)
         stats["hint"] = hint is not None
         if hint is not None:
             stats["greedy_objective_s"] = red.offset + _core_cost(red, nodes, hint)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from autopar.errors import InfeasibleError
+from autopar.solvers import intra_op
 from autopar.solvers.intra_op import ShardingProblem, evaluate, peak_memory, solve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,21 +80,28 @@ def check_against_brute_force(p: ShardingProblem) -> None:
         assert peak_memory(p, sol.choice) <= p.memory_limit
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_matches_brute_force_on_random_dags(seed):
-    n = 4 + seed % 4
-    check_against_brute_force(random_problem(seed, n, kmax=3 + seed % 2))
+@pytest.fixture(params=["eliminate", "cp-sat"])
+def mode(request, monkeypatch):
+    """Run each brute-force test with and without variable elimination (the DP path)."""
+    if request.param == "cp-sat":
+        monkeypatch.setattr(intra_op._Reduced, "eliminate", lambda self, v: False)
+    return request.param
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_matches_brute_force_on_random_dags(seed, mode):
+    check_against_brute_force(random_problem(seed, 5 + seed % 3, kmax=3 + seed % 2, p_edge=0.6))
 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_matches_brute_force_with_memory_and_forbidden_pairs(seed):
-    p = random_problem(100 + seed, 6, kmax=3, p_inf=0.25, memory=0.3 + 0.05 * seed)
+    p = random_problem(100 + seed, 6, kmax=3, p_edge=0.6, p_inf=0.1, memory=0.2 + 0.08 * seed)
     check_against_brute_force(p)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_forbidden_pairs_are_respected(seed):
-    p = random_problem(200 + seed, 6, kmax=4, p_edge=0.6, p_inf=0.5)
+def test_forbidden_pairs_are_respected(seed, mode):
+    p = random_problem(200 + seed, 6, kmax=4, p_edge=0.5, p_inf=0.2)
     check_against_brute_force(p)
 
 
@@ -162,17 +170,32 @@ def test_chain_is_solved_by_dp_and_matches_brute_force():
     assert sol.objective == pytest.approx(best, rel=1e-12)
 
 
-def test_chain_dp_matches_cp_sat():
+def test_chain_dp_matches_cp_sat(monkeypatch):
     p = _chain(1, 60, 6)
     dp = solve(p)
-    assert dp.stats["solver"] == "dp"
-    # An active but loose memory limit disables elimination, so CP-SAT solves the same chain.
-    hi = sum(float(m.max()) for m in p.node_memory)
-    q = ShardingProblem(p.node_costs, p.node_memory, p.edges, p.edge_costs, memory_limit=hi - 0.5)
-    cp = solve(q, time_limit_s=10)
+    assert dp.stats["solver"] == "dp" and dp.status == "OPTIMAL"
+    # With variable elimination switched off, CP-SAT solves the same chain.
+    monkeypatch.setattr(intra_op._Reduced, "eliminate", lambda self, v: False)
+    cp = solve(p, time_limit_s=10)
     assert cp.stats["solver"] == "cp-sat" and cp.status == "OPTIMAL"
-    assert peak_memory(p, dp.choice) <= q.memory_limit  # so the optima must agree
     assert cp.objective == pytest.approx(dp.objective, rel=1e-8)
+
+
+def test_chain_with_memory_limit():
+    p = _chain(2, 7, 3)
+    free = solve(p)
+    hi = sum(float(m.max()) for m in p.node_memory)
+    # active but loose: the unconstrained DP optimum fits, so no CP-SAT is needed
+    loose = ShardingProblem(p.node_costs, p.node_memory, p.edges, p.edge_costs, memory_limit=hi - 0.5)
+    assert peak_memory(p, free.choice) <= hi - 0.5
+    sol = solve(loose)
+    assert sol.stats["solver"] == "dp" and sol.choice == free.choice
+    # binding: CP-SAT, checked against brute force
+    tight = ShardingProblem(p.node_costs, p.node_memory, p.edges, p.edge_costs,
+                            memory_limit=peak_memory(p, free.choice) - 3)
+    sol = solve(tight)
+    assert sol.stats["solver"] == "cp-sat"
+    check_against_brute_force(tight)
 
 
 def test_tree_with_branches_is_solved_by_dp():
