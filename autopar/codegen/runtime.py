@@ -51,6 +51,8 @@ class Executor(fx.Interpreter):
             x, pls = args
             if isinstance(x, DTensor):
                 return x.redistribute(self.mesh, _placements(pls))
+            if x.device.type != self.mesh.device_type:  # e.g. CPU inputs for a CUDA mesh
+                x = x.to(self.mesh.device_type)
             rep = DTensor.from_local(x, self.mesh, [Replicate()] * self.mesh.ndim, run_check=False)
             return rep.redistribute(self.mesh, _placements(pls))
         if target is L.to_full:
@@ -169,6 +171,11 @@ class ParallelModule(nn.Module):
     @property
     def plan(self):
         return self._autopar["plan"]
+
+    @property
+    def device_mesh(self):
+        """The torch DeviceMesh the module runs on."""
+        return self._autopar["mesh"]
 
     @property
     def lowered_graph(self) -> fx.GraphModule:
