@@ -32,6 +32,13 @@ def _contract(rank, world, tmpdir):
     pm2 = autopar.compile(model2, mesh, example_inputs=inputs, plan=autopar.Plan.load(path))
     out["same_output_from_saved_plan"] = bool(torch.equal(logits(pm2(*inputs)), y))
 
+    # inference plans run under no_grad and compute the same thing
+    model3, _ = build("gpt")
+    pm3 = autopar.compile(model3, mesh, example_inputs=inputs, mode="infer")
+    with torch.no_grad():
+        out["infer_error"] = float((logits(pm3(*inputs)) - y).abs().max())
+    out["infer_mode"] = pm3.plan.mode
+
     # a plan for another model is refused
     other, other_inputs = build("mlp")
     try:
@@ -67,6 +74,7 @@ def _contract(rank, world, tmpdir):
 def test_parallel_module_contract(tmp_path):
     out = run_ranks(_contract, 2, str(tmp_path))[0]
     assert out["same_output_from_saved_plan"]
+    assert out["infer_mode"] == "infer" and out["infer_error"] < 1e-5
     assert out["other_model"] == "$.graph_hash"
     assert out["dtensor_input"]
     assert "compiled for" in out["bad_shape"] and "(4, 8)" in out["bad_shape"]
