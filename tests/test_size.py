@@ -1,0 +1,11 @@
+"""The core stays small enough to read in an afternoon (STYLE.md): a line budget, checked in CI."""
+
+from pathlib import Path
+
+BUDGET = 6000  # lines of Python in autopar/, blank lines and comments included
+
+
+def test_core_fits_its_line_budget():
+    root = Path(__file__).resolve().parent.parent / "autopar"
+    lines = sum(len(p.read_text().splitlines()) for p in root.rglob("*.py"))
+    assert lines <= BUDGET, f"autopar/ has {lines} lines, over the {BUDGET}-line budget; simplify before adding"
