@@ -114,6 +114,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help=f"write {PRESET}")
     args = ap.parse_args()
+    # One local "device" is one rank, and torchrun (like autopar run and the tests) gives each rank
+    # one thread (OMP_NUM_THREADS=1): measure compute the way a rank sees it.
+    torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     if load_before > 0.5:
         print(f"warning: 1-min load average is {load_before:.2f}; other work will skew the numbers")

@@ -18,18 +18,24 @@ Objective and memory::
     s.t. Σ_v s_vᵀ m_v ≤ M                                         (only when a limit M is given)
          s_u[i] + s_v[j] ≤ 1              for every forbidden pair, R_uv[i,j] = inf
 
-Linearisation of ``e`` (as CP-SAT clauses).  Because every ``R_uv[i,j] ≥ 0`` and we minimise, the
-product ``e = s_u[i] · s_v[j]`` only needs its lower bound, and only where it costs something::
+Linearisation of ``e`` (the "marginal" form, Alpa's)::
 
-    e_uv[i,j] ≥ s_u[i] + s_v[j] − 1        only for pairs with R_uv[i,j] > 0
+    Σ_j e_uv[i,j] = s_u[i]   ∀i,        Σ_i e_uv[i,j] = s_v[j]   ∀j,
+    e_uv[i,j] exists only for allowed pairs (R_uv[i,j] < inf)
 
-Before that, each edge is *reparametrised* so that as many entries as possible are zero: the row
-minima ``r_i = min_j R[i,j]`` move into ``c_u`` and then the column minima into ``c_v``.  This leaves
-the objective of every choice unchanged, and a typical resharding matrix (zero on its diagonal)
-then needs no pair variable on the diagonal.  The equality ("marginal") linearisation
-``Σ_j e[i,j] = s_u[i], Σ_i e[i,j] = s_v[j]`` gives a tighter LP but needs a variable for every
-allowed pair; with the reductions below the compact one was faster in
-``benchmarks/solver_scaling.py`` (see ``_LINEARISATION``).
+so a forbidden pair is excluded by the equalities themselves.  Its LP relaxation is the local
+polytope of the pairwise problem (exact on trees).  The compact alternative, valid because every
+``R_uv[i,j] ≥ 0`` and we minimise, keeps only ``e_uv[i,j] ≥ s_u[i] + s_v[j] − 1`` for pairs with
+``R_uv[i,j] > 0`` plus the clause ``s_u[i] + s_v[j] ≤ 1`` for forbidden ones; it needs fewer
+variables but its LP bound is much weaker.  On the 100-node DAG of ``benchmarks/solver_scaling.py``
+(20 s of deterministic time) the marginal form reached a better solution (0.0719 s vs 0.0730 s), a
+far better bound (0.0618 s vs 0.0381 s) and used half the wall time, so it is the default
+(``_LINEARISATION``).
+
+Before building the model each edge is *reparametrised*: its row minima move into ``c_u`` and then
+its column minima into ``c_v``.  The objective of every choice is unchanged, and the pair costs
+that remain are mostly zero (a resharding matrix is zero on its diagonal), which keeps the
+objective short.
 
 Reductions (all exact)
 ----------------------
@@ -97,7 +103,13 @@ __all__ = ["ShardingProblem", "Solution", "evaluate", "peak_memory", "solve"]
 _FORMAT_VERSION = 1
 _SEED = 20220711  # fixed: part of the determinism contract
 _SUBSOLVERS = ["max_lp", "core"]  # measured in benchmarks/solver_scaling.py; see FACTS.md "Solvers"
-_LINEARISATION = "marginal"  # "compact" (e ≥ s_u + s_v − 1 where R > 0) or "marginal" (equalities)
+_LINEARISATION = "marginal"  # or "compact" (see the module docstring)
+# CP-SAT runs in phases over the same model, each with a share of time_limit_s.  The first has no
+# LNS: LP-guided search alone proves most structured problems optimal quickly, and LNS tasks cost
+# far more wall time than their deterministic time.  The second adds LNS from the first's best
+# solution and bound, which matters on hard (frustrated) problems.  Measured in
+# benchmarks/solver_scaling.py.
+_PHASES: list[tuple[float, dict]] = [(0.4, {"use_lns": False}), (0.6, {})]
 _GB = 1e9
 _WALL_SAFETY_FACTOR = 10.0  # wall-clock net = 10 · time_limit_s + 30 s (see "Determinism")
 _LOCAL_SEARCH_ROUNDS = 40  # block moves of the hint heuristic (a count, not a time: determinism)
@@ -846,41 +858,68 @@ def _cpsat(
         subsolvers=list(_SUBSOLVERS),
     )
 
-    solver = cp_model.CpSolver()
-    prm = solver.parameters
-    prm.num_workers = max(1, int(workers))
-    prm.interleave_search = True
-    prm.random_seed = _SEED
-    prm.subsolvers.extend(_SUBSOLVERS)
-    prm.max_deterministic_time = float(time_limit_s)
-    prm.max_time_in_seconds = _WALL_SAFETY_FACTOR * float(time_limit_s) + 30.0
-    prm.log_search_progress = False
-
     class _Cb(cp_model.CpSolverSolutionCallback):
         def on_solution_callback(self) -> None:
             obj = offset + red.offset + self.ObjectiveValue() / scale
             progress(f"cp-sat: objective {obj:.4g} s after {time.perf_counter() - t0:.1f} s")
 
-    t_build = time.perf_counter()
-    stats["build_time_s"] = t_build - t0 - stats.get("presolve_time_s", 0.0)
+    stats["build_time_s"] = time.perf_counter() - t0 - stats.get("presolve_time_s", 0.0)
     if progress is not None:
         progress(f"cp-sat: {nvars} vars, {len(proto.constraints)} constraints, {workers} workers")
-        status = solver.solve(model, _Cb())
-    else:
-        status = solver.solve(model)
-    stats["cp_wall_time_s"] = solver.wall_time
-    stats["cp_deterministic_time"] = solver.deterministic_time
-    stats["cp_status"] = solver.status_name(status)
-    stats["wall_limit_hit"] = solver.wall_time >= prm.max_time_in_seconds * 0.99
-    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        stats["cp_objective_s"] = offset + red.offset + solver.objective_value / scale
-        stats["cp_bound_s"] = offset + red.offset + solver.best_objective_bound / scale
-        sol = solver.response_proto.solution
-        loc = {v: next(i for i, var in enumerate(x[v]) if sol[var]) for v in nodes}
-        return loc, ("OPTIMAL" if status == cp_model.OPTIMAL else "FEASIBLE")
-    if status == cp_model.INFEASIBLE:
-        raise _Infeasible("cp-sat")
-    return None, "UNKNOWN"
+    best: list[int] | None = None  # full assignment of the best solution so far
+    best_obj = lb = None
+    status_name = "UNKNOWN"
+    phases = []
+    wall = dtime = 0.0
+    wall_hit = False
+    for frac, extra in _PHASES:
+        solver = cp_model.CpSolver()
+        prm = solver.parameters
+        prm.num_workers = max(1, int(workers))
+        prm.interleave_search = True
+        prm.random_seed = _SEED
+        prm.subsolvers.extend(_SUBSOLVERS)
+        prm.cp_model_probing_level = 0
+        for key, val in extra.items():
+            setattr(prm, key, val)
+        prm.max_deterministic_time = frac * float(time_limit_s)
+        prm.max_time_in_seconds = _WALL_SAFETY_FACTOR * frac * float(time_limit_s) + 30.0
+        if best is not None:  # continue from the previous phase: its solution and bounds
+            proto.clear_solution_hint()
+            proto.solution_hint.vars.extend(range(nvars))
+            proto.solution_hint.values.extend(best)
+            proto.objective.domain.clear()
+            proto.objective.domain.extend([lb, best_obj])
+        status = solver.solve(model, _Cb()) if progress is not None else solver.solve(model)
+        wall += solver.wall_time
+        dtime += solver.deterministic_time
+        wall_hit |= solver.wall_time >= prm.max_time_in_seconds * 0.99
+        phases.append((solver.status_name(status), round(solver.deterministic_time, 3)))
+        if status == cp_model.INFEASIBLE and best is None:
+            raise _Infeasible("cp-sat")
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            obj = int(round(solver.objective_value))
+            if best is None or obj <= best_obj:
+                best = [int(val) for val in solver.response_proto.solution]
+                best_obj = obj
+            bound = int(math.ceil(solver.best_objective_bound - 1e-6))
+            lb = bound if lb is None else max(lb, bound)
+            status_name = "OPTIMAL" if (status == cp_model.OPTIMAL or lb >= best_obj) else "FEASIBLE"
+            if status_name == "OPTIMAL":
+                break
+    stats.update(
+        cp_wall_time_s=wall,
+        cp_deterministic_time=dtime,
+        cp_phases=phases,
+        cp_status=status_name,
+        wall_limit_hit=wall_hit,
+    )
+    if best is None:
+        return None, "UNKNOWN"
+    stats["cp_objective_s"] = offset + red.offset + best_obj / scale
+    stats["cp_bound_s"] = offset + red.offset + min(lb, best_obj) / scale
+    loc = {v: next(i for i, var in enumerate(x[v]) if best[var]) for v in nodes}
+    return loc, status_name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1003,17 +1042,22 @@ def solve(
 
     Solves::
 
-        min_s  Σ_v s_vᵀ c_v + Σ_(u,v) ⟨e_uv, R_uv⟩
-        s.t.   Σ_i s_v[i] = 1  ∀v,      s_v ∈ {0,1}^{k_v}
-               e_uv[i,j] ≥ s_u[i] + s_v[j] − 1     where R_uv[i,j] > 0 (after reparametrisation)
-               s_u[i] + s_v[j] ≤ 1                 where R_uv[i,j] = inf
-               Σ_v s_vᵀ m_v ≤ M                    if problem.memory_limit = M is set
+        min_{s,e}  Σ_v s_vᵀ c_v + Σ_(u,v) ⟨e_uv, R_uv⟩
+        s.t.       Σ_i s_v[i] = 1                        ∀v,   s_v ∈ {0,1}^{k_v}
+                   Σ_j e_uv[i,j] = s_u[i],  Σ_i e_uv[i,j] = s_v[j]     ∀(u,v), i, j
+                   e_uv[i,j] = 0                         where R_uv[i,j] = inf
+                   Σ_v s_vᵀ m_v ≤ M                      if problem.memory_limit = M is set
 
     after the exact reductions of the module docstring; a problem that reduces away entirely (a
-    forest without an active memory limit) is solved by dynamic programming alone.
+    forest without an active memory limit, or whose unconstrained DP optimum fits the limit) is
+    solved by dynamic programming alone.  Otherwise a greedy + block-coordinate-descent heuristic
+    builds a hint and CP-SAT solves the remaining core (see ``_PHASES``).
 
-    ``time_limit_s`` bounds CP-SAT's deterministic time (see the module docstring); ``workers`` is
-    CP-SAT's thread count.  ``progress``, if given, is called with short status strings.
+    ``time_limit_s`` bounds CP-SAT's deterministic time, not wall time (see the module docstring);
+    ``workers`` is CP-SAT's thread count.  ``progress``, if callable, gets short status strings.
+    ``status`` is "OPTIMAL" only when optimality was proven (by the reductions or by CP-SAT, up to
+    ``stats["rounding_bound_s"]``); otherwise "FEASIBLE", and ``stats["cp_bound_s"]`` is a proven
+    lower bound on the objective.
 
     Raises InfeasibleError when no choice meets the memory limit or avoids the forbidden pairs,
     with an explanation (minimum memory vs. limit and the largest contributors, or the edges).
@@ -1030,7 +1074,6 @@ def solve(
     limit = problem.memory_limit
     mem_limit = None
     if limit is not None:
-        lo = hi = 0.0
         los, his = [], []
         for v in range(n):
             m = np.asarray(problem.node_memory[v], dtype=np.float64)

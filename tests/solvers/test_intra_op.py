@@ -153,6 +153,25 @@ def test_all_forbidden_edge_is_named():
         solve(q)
 
 
+def test_memory_and_forbidden_pairs_jointly_infeasible():
+    # Each constraint alone can be met; together they cannot.
+    costs = [np.array([1.0, 1.0]), np.array([1.0, 1.0])]
+    mem = [np.array([0.0, 10e9]), np.array([0.0, 10e9])]
+    forbid = np.array([[np.inf, 0.0], [0.0, 0.0]])  # both small strategies together: forbidden
+    p = ShardingProblem(costs, mem, [(0, 1)], [forbid], memory_limit=5e9, names=["p", "q"])
+    with pytest.raises(InfeasibleError) as info:
+        solve(p)
+    msg = info.value.explanation
+    assert "memory limit of 5.00 GB" in msg and "p -> q" in msg
+
+
+def test_node_without_allowed_strategy():
+    p = ShardingProblem([np.array([np.inf, np.inf]), np.array([1.0])], [np.zeros(2), np.zeros(1)],
+                        [(0, 1)], [np.zeros((2, 1))], names=["dead", "ok"])
+    with pytest.raises(InfeasibleError, match="dead"):
+        solve(p)
+
+
 def _chain(seed: int, n: int, k: int) -> ShardingProblem:
     rng = np.random.default_rng(seed)
     costs = [rng.uniform(0, 1, size=k) for _ in range(n)]
