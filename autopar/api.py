@@ -49,8 +49,20 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     from .solvers.intra_op import solve
 
     hw = mesh.hardware_spec
+    joint, warnings = None, []
+    if mode == "train":
+        t0 = time.perf_counter()
+        try:
+            from .passes.joint import joint_costs
+
+            joint = joint_costs(tg.source.module(), *tg.example)
+            progress(f"traced the joint forward+backward graph in {time.perf_counter() - t0:.1f} s")
+        except Exception as exc:  # the forward plan stands; only the backward estimate is coarser
+            warnings.append(f"the joint forward+backward graph could not be traced ({type(exc).__name__}: "
+                            f"{str(exc)[:160]}); backward costs use 2x forward and every output counts as saved")
     t0 = time.perf_counter()
-    an = annotate(tg, mesh.axes, hw, mode, trainable=trainable)
+    an = annotate(tg, mesh.axes, hw, mode, trainable=trainable, joint=joint)
+    an.warnings.extend(warnings)
     n_strats = sum(len(s) for s in an.strategies)
     progress(f"annotated {len(an.nodes)} decision nodes, {n_strats} strategies, {len(an.edges)} edges "
              f"in {time.perf_counter() - t0:.1f} s")

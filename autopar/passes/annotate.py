@@ -7,9 +7,10 @@ consumer of ``getitem(u, k)`` is wired straight to ``u``'s k-th output.
 Costs, all in seconds per training (or inference) step, from one hardware preset:
 
 * node v, strategy j: roofline time of the op on its local shards,
-  ``c_v[j] = f · max(flops_local / peak, bytes_local / mem_bw)`` with ``f = 3`` for training
-  (forward plus a backward of twice the work) and 1 for inference; a trainable parameter also
-  pays its AdamW update, which is memory bound on its local shard;
+  ``c_v[j] = f · max(flops_local / peak, bytes_local / mem_bw)`` with ``f = 1 + bwd/fwd`` in
+  training, the ratio of backward to forward FLOPs that the joint graph measured for v's source
+  op (``passes/joint.py``; 3 when unknown), and 1 for inference; a trainable parameter also pays
+  its AdamW update, which is memory bound on its local shard;
 * edge u→v, pair (i, j): the forward redistribution from u's output placement to v's required
   input placement, plus in training the backward redistribution of the gradient that flows back
   along the edge. Per axis the gradient v sends back is ``R`` if v took the input as ``P``, ``P``
@@ -21,8 +22,9 @@ Costs, all in seconds per training (or inference) step, from one hardware preset
   charged to every edge that needs it (an upper bound: consumers that want the same placement
   share one in the lowered program);
 * memory m_v[j]: bytes per device that stay live at the training peak (the start of the
-  backward pass): parameters with their gradient and two AdamW moments, plus every saved
-  activation. In inference only parameters count in the constraint.
+  backward pass): parameters with their gradient and two AdamW moments, plus the activations
+  the joint graph saves for backward (each op's output, scaled by the share of its source op's
+  outputs that backward reads). In inference only parameters count in the constraint.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ..placements import REPLICATE, Placement, local_shape
 from ..solvers.intra_op import ShardingProblem
 from .strategies import (SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, op_name, outputs_meta,
                          redistribute_steps, tensor_candidates, tensor_inputs)
+from .joint import source_of
 from .trace import TracedGraph
 
 ADAMW_BYTES_PER_ELEMENT = 7  # AdamW touches p, g, m, v (read) and p, m, v (write): 7 tensors
@@ -159,7 +162,7 @@ def _is_float(t) -> bool:
 
 
 def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
-             trainable: set[str] | None = None) -> Annotated:
+             trainable: set[str] | None = None, joint: dict | None = None) -> Annotated:
     """Enumerate strategies for every decision node and cost every node and edge."""
     enum = StrategyEnumerator(axes)
     ctx = CostContext(axes, hw)
@@ -223,9 +226,17 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
             edges.append(Edge(p, o, v, k_in, tuple(val.shape), val.element_size(), train and needs_grad.get(a, False)))
 
     node_cost, node_mem = [], []
+    joint = joint or {}
     for v, node in enumerate(nodes):
-        node_cost.append(np.array([_node_time(node, kind[v], s, ctx, train, needs_grad.get(node, False)) for s in strategies[v]]))
-        node_mem.append(np.array([_node_memory(node, kind[v], s, ctx, train, needs_grad.get(node, False)) for s in strategies[v]], dtype=float))
+        src = joint.get(source_of(node)) if kind[v] == "op" else None
+        bwd = src.backward_ratio if src is not None else None
+        kept = src.saved_fraction if src is not None else None
+        # without the joint graph: backward does twice the forward's work and keeps every output
+        mult = (1.0 + (2.0 if bwd is None else bwd)) if train and needs_grad.get(node, False) else 1.0
+        node_cost.append(np.array([mult * _node_time(node, kind[v], s, ctx, train, needs_grad.get(node, False))
+                                   for s in strategies[v]]))
+        node_mem.append(np.array([_node_memory(node, kind[v], s, ctx, train, needs_grad.get(node, False))
+                                  * (1.0 if kept is None or kind[v] != "op" else kept) for s in strategies[v]], dtype=float))
 
     # A gradient that several consumers send back to one tensor is summed locally and reduced
     # once, so each of those edges pays an equal share of the backward collective.
@@ -280,9 +291,8 @@ def _node_time(node, kind, s: Strategy, ctx: CostContext, train: bool, needs_gra
     ref = next((t for t in outs if t is not None), ins[0] if ins else None)
     itemsize = ref.element_size() if ref is not None else 4
     dtype = str(ref.dtype) if ref is not None else "torch.float32"
-    t = compute_time(op_flops(name, in_shapes, [o for o in out_shapes if o is not None]),
-                     op_bytes(name, in_shapes, [o for o in out_shapes if o is not None], itemsize), dtype, ctx.hw)
-    return t * (3.0 if train and needs_grad else 1.0)
+    return compute_time(op_flops(name, in_shapes, [o for o in out_shapes if o is not None]),
+                        op_bytes(name, in_shapes, [o for o in out_shapes if o is not None], itemsize), dtype, ctx.hw)
 
 
 def _node_memory(node, kind, s: Strategy, ctx: CostContext, train: bool, needs_grad: bool) -> float:

@@ -41,6 +41,8 @@ class TracedGraph:
     model_name: str
     warnings: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)  # tied-parameter placeholder -> the one the graph uses
+    source: object = None  # the ExportedProgram before decomposition (for the joint graph)
+    example: tuple = ((), {})  # (args, kwargs) the model was traced with
     # the graph's leading outputs that are new values of buffers (BatchNorm running stats), by FQN
     mutated_buffers: list[str] = field(default_factory=list)
 
@@ -110,8 +112,8 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     args = _check_inputs(example_inputs)
     kwargs = dict(example_kwargs or {})
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
-        ep = ep.run_decompositions(_decomposition_table())
+        source = torch.export.export(model, args, kwargs, strict=False)
+        ep = source.run_decompositions(_decomposition_table())
     except Exception as exc:  # torch raises many unrelated types here
         raise _explain_export_failure(model, exc) from exc
 
@@ -140,6 +142,8 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
         constants=constants,
         user_inputs=user_inputs,
         aliases=aliases,
+        source=source,
+        example=(args, kwargs),
         mutated_buffers=[spec.target for spec in sig.output_specs if spec.kind.name == "BUFFER_MUTATION"],
         graph_hash=graph_hash(gm, params, buffers),
         model_name=type(model).__name__,

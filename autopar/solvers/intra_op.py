@@ -112,7 +112,10 @@ _LINEARISATION = "marginal"  # or "compact" (see the module docstring)
 _PHASES: list[tuple[float, dict]] = [(0.4, {"use_lns": False}), (0.6, {})]
 _GB = 1e9
 _WALL_SAFETY_FACTOR = 10.0  # wall-clock net = 10 · time_limit_s + 30 s (see "Determinism")
-_LOCAL_SEARCH_ROUNDS = 40  # block moves of the hint heuristic (a count, not a time: determinism)
+# Block moves of the heuristic per second of time_limit_s, and moves without progress before it
+# stops: counts, not times, for determinism.  ~4 ms per move on a 500-node core.
+_LOCAL_SEARCH_ROUNDS_PER_S = 20
+_LOCAL_SEARCH_PATIENCE = 60
 
 
 # --------------------------------------------------------------------------------------------------
@@ -629,7 +632,7 @@ def _forest_dp(
 
 
 def _tree_search(
-    red: _Reduced, nodes: list[int], loc: dict[int, int], rounds: int, patience: int = 6
+    red: _Reduced, nodes: list[int], loc: dict[int, int], rounds: int, patience: int
 ) -> dict[int, int]:
     """Block coordinate descent: re-solve a random induced forest exactly, given the rest.
 
@@ -1127,6 +1130,7 @@ def solve(
         stats["solver"] = "dp" if (mem_limit is None or free_choice is not None) else "presolve"
         status = "OPTIMAL"
     else:
+        rounds = max(40, int(_LOCAL_SEARCH_ROUNDS_PER_S * time_limit_s))
         init = None
         if free_choice is not None and all(free_choice[v] in red.dom[v] for v in nodes):
             init = {v: int(np.searchsorted(red.dom[v], free_choice[v])) for v in nodes}
@@ -1134,7 +1138,7 @@ def solve(
         stats["hint"] = hint is not None
         if hint is not None:
             stats["greedy_objective_s"] = red.offset + _core_cost(red, nodes, hint)
-            hint = _tree_search(red, nodes, hint, rounds=_LOCAL_SEARCH_ROUNDS)
+            hint = _tree_search(red, nodes, hint, rounds, _LOCAL_SEARCH_PATIENCE)
         stats["heuristic_time_s"] = time.perf_counter() - t_pre
         if hint is not None:
             stats["hint_objective_s"] = red.offset + _core_cost(red, nodes, hint)
@@ -1153,6 +1157,8 @@ def solve(
                 )
             loc, status = hint, "FEASIBLE"
             stats["solver"] = "greedy (cp-sat found nothing)"
+        elif status == "FEASIBLE":  # polish CP-SAT's solution with the same block moves
+            loc = _tree_search(red, nodes, loc, rounds, _LOCAL_SEARCH_PATIENCE)
         choice = red.back_substitute({v: int(red.dom[v][loc[v]]) for v in nodes})
 
     objective = evaluate(problem, choice)

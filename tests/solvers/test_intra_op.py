@@ -1,4 +1,4 @@
-"""Tests of the intra-op sharding solver (arrays only, no torch)."""
+"""Tests of the intra-op sharding solver: numpy arrays in, choices out (no model needed)."""
 
 from __future__ import annotations
 
