@@ -90,6 +90,11 @@ def build(name: str, seed: int = 0):
         return MLP(), (torch.randn(8, 32),)
     if name == "convnet":
         return ConvNet(), (torch.randn(4, 3, 8, 8),)
+    if name == "custom":
+        ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(seed + 1))
+        mask = torch.ones(4, 12, dtype=torch.bool)
+        mask[:, 8:] = False
+        return Custom(), (ids, mask)
     model = {"gpt": GPT, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama}[name]()
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(seed + 1))
     return model, (ids,)
@@ -113,3 +118,23 @@ class ConvNet(nn.Module):
         x = torch.relu(self.bn(self.c1(x)))
         x = torch.relu(self.c2(x))
         return self.fc(x.mean((2, 3)))
+
+
+class Custom(nn.Module):
+    """A user-written module: hand-rolled masked attention, a scale parameter, concat, log-softmax,
+    and a boolean mask input."""
+
+    def __init__(self, vocab=50, d=24, out=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.q, self.v = nn.Linear(d, d), nn.Linear(d, d)
+        self.k = nn.Linear(d, d, bias=False)  # a key bias has a mathematically zero gradient
+        self.o = nn.Linear(2 * d, out)
+        self.scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, ids, mask):
+        x = self.emb(ids) * self.scale
+        a = (self.q(x) @ self.k(x).transpose(-1, -2)) / x.shape[-1] ** 0.5
+        a = a.masked_fill(~mask[:, None, :], -1e9).softmax(-1)
+        y = torch.cat([a @ self.v(x), x.relu()], dim=-1)
+        return self.o(y).log_softmax(-1)[:, 1:].sum(1)

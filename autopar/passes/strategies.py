@@ -47,6 +47,16 @@ VIEW_OPS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.defa
             "aten.split.Tensor", "aten.split_with_sizes.default", "aten.unbind.int", "aten.detach.default"}
 
 
+# Ops that DTensor runs through custom handlers which cannot shard one dim over two axes
+# (its convolution handler raises on [Shard(0), Shard(0)]), whatever its strategy says.
+NO_NESTED_SHARDING = {"aten.convolution.default", "aten.convolution_backward.default"}
+
+
+def _nested(pl) -> bool:
+    dims = [p.dim for p in pl if p.kind == "S"]
+    return len(dims) != len(set(dims))
+
+
 def op_name(node: fx.Node) -> str:
     t = node.target
     return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
@@ -229,6 +239,11 @@ class StrategyEnumerator:
         except Exception as exc:  # a private API changed or a rule rejected the inputs
             return self.fallback(node, f"its sharding rule failed ({type(exc).__name__}: {str(exc)[:120]})")
         found = [s for s in dict.fromkeys(found) if self._valid(s, ins_meta, outs_meta)]
+        if name in NO_NESTED_SHARDING:
+            found = [s for s in found if not any(_nested(pl) for pl in (*s.ins, *s.outs) if pl)]
+        if not found and all(t is None or t.dim() == 0 for t in (*outs_meta, *ins_meta)):
+            rep = (REPLICATE,) * len(self.axis_sizes)  # scalars (a step counter): nothing to shard
+            return [Strategy(tuple(rep if t is not None else None for t in outs_meta), tuple(rep for _ in ins), "dtensor")]
         return found or self.fallback(node, "no strategy shards it evenly on this mesh")
 
     # -- DTensor single-dim rules, expanded over every mesh axis ------------------------------

@@ -1159,6 +1159,8 @@ def solve(
             stats["solver"] = "greedy (cp-sat found nothing)"
         elif status == "FEASIBLE":  # polish CP-SAT's solution with the same block moves
             loc = _tree_search(red, nodes, loc, rounds, _LOCAL_SEARCH_PATIENCE)
+        if hint is not None and _core_cost(red, nodes, hint) < _core_cost(red, nodes, loc):
+            loc = hint  # equal after integer rounding, better in float
         choice = red.back_substitute({v: int(red.dom[v][loc[v]]) for v in nodes})
 
     objective = evaluate(problem, choice)

@@ -106,9 +106,14 @@ def test_outputs_grads_and_steps_match_single_device(axes):
         assert all(r[name]["placements"] == rep["placements"] for r in reports)
 
 
-def test_convnet_with_batchnorm_on_dp2():
-    reports = run_ranks(_check_models, 2, {"dp": 2}, ["convnet"])
-    rep = reports[0]["convnet"]
-    assert rep["errs"]["out"] < 1e-4 and rep["errs"]["grad"] < 1e-4, rep["errs"]
-    assert rep["errs"]["param"] < _param_tolerance("convnet"), rep["errs"]
-    assert rep["fixups"] == []
+@pytest.mark.parametrize("axes", [{"dp": 2}, {"dp": 2, "tp": 2}], ids=["dp=2", "dp=2,tp=2"])
+def test_convnet_and_a_custom_module(axes):
+    world = 1
+    for n in axes.values():
+        world *= n
+    reports = run_ranks(_check_models, world, axes, ["convnet", "custom"])
+    for name in ("convnet", "custom"):
+        rep = reports[0][name]
+        assert rep["errs"]["out"] < 1e-4 and rep["errs"]["grad"] < 1e-4, (name, rep["errs"])
+        assert rep["errs"]["param"] < _param_tolerance(name), (name, rep["errs"])
+        assert rep["fixups"] == []
