@@ -83,6 +83,15 @@ def fmt_transition(c: dict) -> str:
     return f"{fmt_placements(c.get('src'))} -> {fmt_placements(c.get('dst'))}"
 
 
+COLLECTIVE_HEADERS = ["phase", "op", "axis", "tensor", "consumer", "src -> dst", "bytes", "time"]
+
+
+def collective_row(c: dict) -> list[str]:
+    """One collective as a table row, in COLLECTIVE_HEADERS order."""
+    return [str(c.get("phase") or "-"), c["op"], c["axis"], str(c.get("tensor") or "-"), str(c.get("node") or "-"),
+            fmt_transition(c), format_bytes(c["bytes"]), format_seconds(c["time_s"])]
+
+
 def fmt_mesh(mesh: dict[str, int]) -> str:
     return ",".join(f"{a}={n}" for a, n in mesh.items())
 
@@ -261,23 +270,11 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
         )
     )
     ranked = sorted(plan.collectives, key=lambda c: -c["time_s"])[:top]
-    rows = [
-        [
-            str(c.get("phase") or "-"),
-            c["op"],
-            c["axis"],
-            str(c.get("tensor") or "-"),
-            str(c.get("node") or "-"),
-            fmt_transition(c),
-            format_bytes(c["bytes"]),
-            format_seconds(c["time_s"]),
-        ]
-        for c in ranked
-    ]
+    rows = [collective_row(c) for c in ranked]
     sections.append(
         Section(
             f"Top {len(ranked)} collectives by time",
-            ["phase", "op", "axis", "tensor", "consumer", "src -> dst", "bytes", "time"],
+            COLLECTIVE_HEADERS,
             rows,
             right={6, 7},
         )
@@ -446,21 +443,9 @@ def cmd_explain(args) -> int:
     touching = [c for c in plan.collectives if c.get("tensor") in names or c.get("node") in names]
     print()
     if touching:
-        rows = [
-            [
-                str(c.get("phase") or "-"),
-                c["op"],
-                c["axis"],
-                str(c.get("tensor") or "-"),
-                str(c.get("node") or "-"),
-                fmt_transition(c),
-                format_bytes(c["bytes"]),
-                format_seconds(c["time_s"]),
-            ]
-            for c in touching
-        ]
+        rows = [collective_row(c) for c in touching]
         print(f"collectives touching {target} ({len(touching)}):")
-        print(render_table(["phase", "op", "axis", "tensor", "consumer", "src -> dst", "bytes", "time"], rows, right={6, 7}))
+        print(render_table(COLLECTIVE_HEADERS, rows, right={6, 7}))
     else:
         print(f"no collectives touch {target}")
     return 0
