@@ -81,7 +81,8 @@ def redistribute_collectives(src: tuple, dst: tuple, shape: tuple[int, ...], ite
     S(d) -> S(e)    all_to_all(B / n)       P(x) -> P(y)    ValueError
     ==============  ======================  ==============  ======================
 
-    Axes of size 1 cost nothing. Pure and cached: the cost model and codegen share it.
+    Axes of size 1 cost nothing. Pure and cached. This is the default order; the cost model
+    prices DTensor's own steps with :func:`price_steps`.
     """
     src, dst = tuple(_placements(src, len(shape))), tuple(_placements(dst, len(shape)))
     if not len(src) == len(dst) == len(axes):
@@ -100,22 +101,32 @@ def redistribute_time(src: tuple, dst: tuple, shape: tuple[int, ...], itemsize: 
 
 @lru_cache(maxsize=65536)
 def _plan(src, dst, shape, itemsize, axes, links) -> tuple[Collective, ...]:
+    steps = tuple((a, src[a], dst[a]) for a in reversed(range(len(axes))) if src[a] != dst[a])
+    return price_steps(steps, src, shape, itemsize, axes, links)
+
+
+def price_steps(steps, src, shape, itemsize, axes, links, a2a_as_all_gather: bool = False) -> tuple[Collective, ...]:
+    """Price a redistribution given as ordered steps ``(axis index, from, to)``, starting at ``src``.
+
+    On each step's axis a, B is the local byte size with a itself unsharded and every other axis
+    at its current placement (updated step by step), and the collective is chosen as in
+    :func:`redistribute_collectives`. ``axes`` and ``links`` are tuples in mesh order. With
+    ``a2a_as_all_gather`` (gloo has no all-to-all) S(d)->S(e) is an all-gather of B.
+    The cost model passes DTensor's own steps, so it prices what actually runs.
+    """
     sizes = tuple(n for _, n in axes)
     current = list(src)
     out = []
-    for a in reversed(range(len(axes))):
-        s, d = current[a], dst[a]
-        if s == d:
-            continue
+    for a, s, d in steps:
         name, n = axes[a]
+        without_a = tuple(REPLICATE if i == a else p for i, p in enumerate(current))
         current[a] = d
         op = _transition(s, d)
         if op is None or n == 1:
             continue
-        without_a = tuple(REPLICATE if i == a else p for i, p in enumerate(current))
         nbytes = math.prod(local_shape(shape, without_a, sizes)) * itemsize
         if op == "all_to_all":
-            nbytes = -(-nbytes // n)
+            op, nbytes = ("all_gather", nbytes) if a2a_as_all_gather else (op, -(-nbytes // n))
         out.append(Collective(op, name, nbytes, collective_time(op, nbytes, n, links[a])))
     return tuple(out)
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..cost_models.comm import Collective, axis_links, collective_time
+from ..cost_models.comm import axis_links, price_steps
 from ..cost_models.compute import compute_time, op_bytes, op_flops
 from ..cost_models.hardware import Hardware
 from ..placements import REPLICATE, Placement, local_shape
@@ -88,11 +88,9 @@ class Annotated:
 class CostContext:
     """Shared, cached cost queries for one mesh on one hardware preset.
 
-    A redistribution is priced step by step, in the order DTensor executes it
-    (``strategies.redistribute_steps``): per mesh axis, P→R is an all-reduce, P→S(d) a
-    reduce-scatter, S(d)→R an all-gather and S(d)→S(e) an all-to-all, each of the tensor's
-    logical size on that axis (one rank's buffer for all-to-all). Backends without all-to-all
-    (gloo) run it as an all-gather of the logical size, and are priced so.
+    A redistribution is priced step by step (``cost_models.comm.price_steps``) in the order and
+    with the intermediate placements DTensor executes it (``strategies.redistribute_steps``).
+    Backends without all-to-all (gloo) run it as an all-gather, and are priced so.
     """
 
     def __init__(self, axes: dict[str, int], hw: Hardware):
@@ -110,33 +108,13 @@ class CostContext:
         key = (src, dst, shape, itemsize)
         hit = self._cache.get(key)
         if hit is None:
-            hit = self._cache[key] = tuple(self._price(src, dst, shape, itemsize))
+            hit = self._cache[key] = self._price(src, dst, shape, itemsize)
         return hit
 
     def _price(self, src, dst, shape, itemsize):
-        cur = list(src)
-        for dim, a, b, logical in redistribute_steps(self.axes, src, dst, shape, itemsize):
-            n = self.axis_sizes[dim]
-            # DTensor's logical shape on an axis has the outer axes' shards applied; the inner
-            # axes that currently shard the tensor shrink the buffer too.
-            size = list(logical)
-            for other in range(dim + 1, len(cur)):
-                if cur[other].kind == "S":
-                    size[cur[other].dim % len(shape)] //= self.axis_sizes[other]
-            cur[dim] = b
-            nbytes = math.prod(size) * itemsize
-            if a.kind == "P" and b.kind == "R":
-                op = "all_reduce"
-            elif a.kind == "P" and b.kind == "S":
-                op = "reduce_scatter"
-            elif a.kind == "S" and b.kind == "R":
-                op = "all_gather"
-            elif a.kind == "S" and b.kind == "S":
-                op, nbytes = ("all_gather", nbytes) if self.a2a_as_all_gather else ("all_to_all", nbytes // n)
-            else:
-                continue  # R→S is a local slice; R→P keeps the value on one rank
-            axis = self.names[dim]
-            yield Collective(op, axis, int(nbytes), collective_time(op, nbytes, n, self.links[axis]))
+        steps = tuple((dim, a, b) for dim, a, b, _ in redistribute_steps(self.axes, src, dst, shape, itemsize))
+        return price_steps(steps, src, shape, itemsize, tuple(self.axes.items()),
+                           tuple(self.links[a] for a in self.axes), self.a2a_as_all_gather)
 
     def time(self, src, dst, shape, itemsize) -> float:
         return sum(c.time_s for c in self.collectives(src, dst, shape, itemsize))

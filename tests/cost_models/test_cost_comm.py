@@ -163,3 +163,16 @@ def test_planner_is_cached_and_checks_lengths():
         redistribute_collectives((P,), (R, R), SHAPE, ITEM, AXES2, LINKS2)
     with pytest.raises(ValueError, match="no link"):
         redistribute_collectives((P, R), (R, R), SHAPE, ITEM, AXES2, {"tp": LINK})
+
+
+def test_price_steps_follows_the_given_order_and_intermediates():
+    from autopar.cost_models.comm import price_steps
+
+    axes, links = tuple(AXES2.items()), (LINKS2["dp"], LINKS2["tp"])
+    # DTensor's way from (S(1), S(1)) to (S(0), S(0)): tp gathers, dp swaps dims, tp re-slices
+    steps = ((1, shard(1), R), (0, shard(1), shard(0)), (1, R, shard(0)))
+    got = [(c.op, c.axis, c.bytes) for c in price_steps(steps, (shard(1), shard(1)), SHAPE, ITEM, axes, links)]
+    assert got == [("all_gather", "tp", 256), ("all_to_all", "dp", 256)]
+    # without an all-to-all (gloo), the swap is an all-gather of the whole buffer
+    got = [(c.op, c.axis, c.bytes) for c in price_steps(steps, (shard(1), shard(1)), SHAPE, ITEM, axes, links, True)]
+    assert got == [("all_gather", "tp", 256), ("all_gather", "dp", 512)]
