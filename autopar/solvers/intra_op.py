@@ -82,7 +82,10 @@ be about a second each; see the measurements in ``benchmarks/solver_scaling.py``
 wall-clock limit.  The same inputs, ``workers`` and OR-Tools version therefore give the same choice;
 ``tests/solvers/test_intra_op.py`` checks this across processes.  A wall-clock safety net of
 ``10 · time_limit_s + 30`` seconds also applies; if it fires (``stats["wall_limit_hit"]``, only on a
-badly overloaded machine) the choice may differ between processes.
+badly overloaded machine) the choice may differ between processes.  The price: wall time is not
+bounded by ``time_limit_s``.  On 2 cores it was 1-2× on cores of up to ~35k pair variables, and
+up to ~5× on 1000-node random DAGs (~200k pair variables), whose LP and LNS tasks run several wall
+seconds per deterministic unit (``benchmarks/solver_scaling.py``).
 """
 
 from __future__ import annotations
