@@ -50,6 +50,9 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
 
     hw = mesh.hardware_spec
     joint, warnings = None, []
+    if mesh.reordered:
+        warnings.append(f"mesh axes given as {', '.join(mesh.given_order)} are laid out outer to inner as "
+                        f"{', '.join(mesh.names)}, so that the inner axes stay on the fastest links")
     if mode == "train":
         t0 = time.perf_counter()
         try:

@@ -50,10 +50,16 @@ class Mesh:
                 "fold the devices into dp/tp for now"
             )
         self.axes: dict[str, int] = {a: axes[a] for a in AXIS_ORDER if a in axes}
+        self.given_order = tuple(axes)
         from .cost_models.hardware import load_hardware  # validates the preset name
 
         self.hardware_spec = load_hardware(hardware)
         self.hardware = hardware
+
+    @property
+    def reordered(self) -> bool:
+        """True if the axes were given in another order than autopar lays them out."""
+        return self.given_order != self.names
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -13,6 +13,16 @@ send_recv          α + S/bw                                the message
 =================  ======================================  ==========================
 
 The factors 2(n−1)/n and (n−1)/n are nccl-tests' "bus bandwidth" factors.
+
+Hierarchical (an axis whose n ranks sit g per node on N = n/g nodes): the collective runs inside
+each node on the intra-node link, and across nodes on the inter-node link with each of the g
+devices' NICs carrying 1/g of the bytes. For all-reduce (reduce-scatter in the node, all-reduce
+across nodes, all-gather in the node)::
+
+    2(g−1)α_intra + 2((g−1)/g)·S/bw_intra + 2(N−1)α_inter + 2((N−1)/N)·(S/g)/bw_inter
+
+and the one-pass collectives (all-gather, reduce-scatter) take half of each term. An all-to-all
+sends (g−1)/n of a rank's buffer inside the node and (n−g)/n across, over its own NIC.
 """
 
 from __future__ import annotations
@@ -29,29 +39,64 @@ _RING = {"all_reduce": (2, 2), "all_gather": (1, 1), "reduce_scatter": (1, 1), "
 COLLECTIVE_OPS = frozenset(_RING) | {"send_recv"}
 
 
-def axis_links(axes: dict[str, int], hw: Hardware) -> dict[str, Link]:
-    """Which link each mesh axis (ordered outer -> inner) runs on.
+@dataclass(frozen=True)
+class HierarchicalLink:
+    """A mesh axis that spans nodes: ``per_node`` of its ranks share a node (``intra``), and the
+    node groups talk over ``inter`` (each device's own NIC)."""
 
-    An axis fits in a node when size(axis) · Π size(inner axes) <= hw.devices_per_node; then it uses
-    ``hw.intra_node``, otherwise ``hw.inter_node``.
+    intra: Link
+    inter: Link
+    per_node: int
+
+
+def axis_links(axes: dict[str, int], hw: Hardware) -> dict[str, Link | HierarchicalLink]:
+    """Which link each mesh axis (ordered outer -> inner, ranks laid out row-major) runs on.
+
+    Axis a of size n with stride s (the product of the sizes of the axes inner to it) groups ranks
+    r, r+s, ..., r+(n−1)s. With D devices per node: if n·s <= D the group is inside a node
+    (``hw.intra_node``); if s >= D every member is on another node (``hw.inter_node``); otherwise
+    g = D / s members share each node and the axis is hierarchical.
     """
-    links, span = {}, 1
+    links, stride = {}, 1
     for name in reversed(list(axes)):
-        span *= axes[name]
-        links[name] = hw.intra_node if span <= hw.devices_per_node else hw.inter_node
+        n, d = axes[name], hw.devices_per_node
+        if n * stride <= d:
+            links[name] = hw.intra_node
+        elif stride >= d:
+            links[name] = hw.inter_node
+        else:
+            g = max(1, d // stride)
+            links[name] = HierarchicalLink(hw.intra_node, hw.inter_node, g) if n % g == 0 and g > 1 else hw.inter_node
+        stride *= n
     return {name: links[name] for name in axes}
 
 
-def collective_time(op: str, nbytes: float, n: int, link: Link) -> float:
+def collective_time(op: str, nbytes: float, n: int, link: Link | HierarchicalLink) -> float:
     """Seconds for collective ``op`` of ``nbytes`` among ``n`` ranks on ``link`` (see module table)."""
     if op not in COLLECTIVE_OPS:
         raise ValueError(f"unknown collective {op!r}; expected one of {sorted(COLLECTIVE_OPS)}")
     if n <= 1:
         return 0.0
+    if isinstance(link, HierarchicalLink):
+        return _hierarchical_time(op, nbytes, n, link)
     if op == "send_recv":
         return link.latency_s + nbytes / link.bandwidth_Bps
     steps, factor = _RING[op]
     return steps * (n - 1) * link.latency_s + factor * (n - 1) / n * nbytes / link.bandwidth_Bps
+
+
+def _hierarchical_time(op: str, nbytes: float, n: int, link: HierarchicalLink) -> float:
+    g, nodes = link.per_node, n // link.per_node
+    if op == "send_recv":
+        return collective_time(op, nbytes, 2, link.inter)
+    if op == "all_to_all":
+        inside = (g - 1) * link.intra.latency_s + (g - 1) / n * nbytes / link.intra.bandwidth_Bps
+        across = (nodes - 1) * link.inter.latency_s + (n - g) / n * nbytes / link.inter.bandwidth_Bps
+        return inside + across
+    steps, factor = _RING[op]
+    inside = steps * (g - 1) * link.intra.latency_s + factor * (g - 1) / g * nbytes / link.intra.bandwidth_Bps
+    across = steps * (nodes - 1) * link.inter.latency_s + factor * (nodes - 1) / nodes * (nbytes / g) / link.inter.bandwidth_Bps
+    return inside + across
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ import pytest
 
 from autopar.cost_models.comm import (
     Collective,
+    HierarchicalLink,
     axis_links,
     collective_time,
     redistribute_collectives,
@@ -72,7 +73,21 @@ def test_axis_links_fill_a_node_from_the_inside():
     assert set(axis_links({"dp": 2, "tp": 4}, hw).values()) == {hw.intra_node}
     links = axis_links({"pp": 4, "dp": 2, "cp": 2, "tp": 2}, hw)
     assert [links[a] is hw.intra_node for a in ("pp", "dp", "cp", "tp")] == [False, True, True, True]
-    assert axis_links({"tp": 16}, hw)["tp"] == hw.inter_node
+    tp16 = axis_links({"tp": 16}, hw)["tp"]  # 8 per node on 2 nodes: hierarchical
+    assert isinstance(tp16, HierarchicalLink) and tp16.per_node == 8 and tp16.inter == hw.inter_node
+    assert axis_links({"dp": 2, "tp": 8}, hw)["dp"] == hw.inter_node  # stride 8: one rank per node
+
+
+def test_hierarchical_all_reduce_by_hand():
+    intra, inter = Link(400e9, 2e-6), Link(50e9, 10e-6)
+    link = HierarchicalLink(intra, inter, per_node=8)
+    S, n = 1e9, 16  # g = 8 per node, N = 2 nodes
+    want = 2 * 7 * 2e-6 + 2 * 7 / 8 * S / 400e9 + 2 * 1 * 10e-6 + 2 * 1 / 2 * (S / 8) / 50e9
+    assert collective_time("all_reduce", S, n, link) == pytest.approx(want)
+    assert collective_time("all_gather", S, n, link) == pytest.approx(want / 2)
+    # cheaper than a flat ring over the NICs, dearer than a flat ring over NVLink
+    assert collective_time("all_reduce", S, n, intra) < collective_time("all_reduce", S, n, link) \
+        < collective_time("all_reduce", S, n, inter)
 
 
 # --- redistribute_collectives -----------------------------------------------------------------

@@ -56,3 +56,21 @@ def test_large_batch_small_hidden_on_dp8_is_data_parallel():
     assert {c["op"] for c in syncs} == {"all_reduce"}
     assert len(syncs) == len(plan.param_placements)  # one gradient all-reduce per parameter
     assert all(c["phase"] == "grad_sync" or c["tensor"] == "add_2" for c in plan.collectives), plan.collectives
+
+
+def test_tp_stays_inside_a_node_whatever_order_the_axes_are_given_in():
+    """GPT-3 1.3B-shaped block on 16 H100s in 2 nodes as dp=2 x tp=8: tp runs on NVLink."""
+    from autopar.cost_models.comm import axis_links
+
+    with torch.device("meta"):
+        blk = Block(2048, 16, fused_qkv=False)
+        x = torch.randn(8, 2048, 2048)
+    for axes in ({"dp": 2, "tp": 8}, {"tp": 8, "dp": 2}):
+        mesh = autopar.Mesh(axes, hardware="h100-sxm")
+        assert mesh.names == ("dp", "tp")
+        links = axis_links(mesh.axes, mesh.hardware_spec)
+        assert links["tp"] == mesh.hardware_spec.intra_node and links["dp"] == mesh.hardware_spec.inter_node
+        plan = autopar.plan(blk, mesh, (x,))
+        tp_colls = [c for c in plan.collectives if c["axis"] == "tp"]
+        assert tp_colls, "the plan should use tensor parallelism inside the node"
+        assert any("laid out outer to inner as dp, tp" in w for w in plan.warnings) == (list(axes) == ["tp", "dp"])
