@@ -648,6 +648,77 @@ def cmd_run(args, script_args: list[str]) -> int:
         return 130
 
 
+# ---- profile -----------------------------------------------------------------------------------
+
+
+def profile_sections(times: dict, fits: dict, failed: dict, n: int) -> list[Section]:
+    """Tables for ``autopar profile --collectives``: measured vs fitted per collective, then the fits."""
+    from .cost_models.calibrate import fitted_time
+
+    sections = []
+    for op, per_size in times.items():
+        if op in fits:
+            alpha, bw, err = fits[op]
+            rows = []
+            for nbytes, t in sorted(per_size.items()):
+                f = fitted_time(op, nbytes, n, alpha, bw)
+                rows.append([format_bytes(nbytes), format_seconds(t), format_seconds(f), f"{100 * (f - t) / t:+.1f}%"])
+            notes = [f"fit: latency {format_seconds(alpha)}, bandwidth {bw / 1e9:.3g} GB/s, max |relative error| {100 * err:.1f}%"]
+        else:
+            rows = [[format_bytes(nb), format_seconds(t), "-", "-"] for nb, t in sorted(per_size.items())]
+            notes = [f"not fitted: {failed.get(op, 'not measured')}"]
+        sections.append(Section(f"{op} ({n} ranks)", ["size", "measured", "fitted", "rel. error"], rows, {0, 1, 2, 3}, notes))
+    rows = []
+    for op in times:
+        if op in fits:
+            alpha, bw, err = fits[op]
+            rows.append([op, format_seconds(alpha), f"{bw / 1e9:.3g} GB/s", f"{100 * err:.1f}%"])
+        else:
+            rows.append([op, "-", "-", f"missing: {failed.get(op, 'not measured')}"])
+    sections.append(Section("Fitted links (t = k_a*latency + k_b*S/bandwidth, ring factors of collective_time)",
+                            ["collective", "latency", "bandwidth", "max rel. error"], rows, {1, 2, 3}))
+    return sections
+
+
+def cmd_profile(args) -> int:
+    if not args.collectives:
+        print(f"autopar profile: op profiling is {NOT_IMPLEMENTED}; "
+              "`autopar profile --collectives` measures and fits collectives", file=sys.stderr)
+        return 2
+    from .cost_models.calibrate import DEFAULT_SIZES, calibrated_preset, fit_all, launch_local
+    from .cost_models.hardware import load_hardware
+
+    if args.nproc < 2:
+        raise AutoparError(f"--nproc must be at least 2 to measure collectives, got {args.nproc}")
+    if args.repeats < 1 or args.rounds < 1:
+        raise AutoparError(f"--repeats and --rounds must be positive ints, got {args.repeats} and {args.rounds}")
+    sizes = [s for s in DEFAULT_SIZES if args.max_bytes is None or s <= args.max_bytes]
+    if len(sizes) < 2:
+        raise AutoparError(f"--max-bytes {args.max_bytes} leaves fewer than two sizes to fit (the smallest are 1 KiB, 4 KiB)")
+    base = load_hardware(args.hardware)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise AutoparError(f"cannot write {args.out!r}: directory {str(out.parent)!r} does not exist")
+    _progress(f"measuring collectives on {args.nproc} local gloo ranks, {format_bytes(sizes[0])}..{format_bytes(sizes[-1])}")
+    try:
+        times = launch_local(args.nproc, sizes=sizes, repeats=args.repeats, rounds=args.rounds)
+    except (RuntimeError, ValueError) as e:
+        raise AutoparError(str(e)) from None
+    fits, failed = fit_all(times, args.nproc)
+    sys.stdout.write(render_text(profile_sections(times, fits, failed, args.nproc)))
+    if out is not None:
+        if "all_reduce" not in fits:
+            raise AutoparError(f"cannot write a preset without an all_reduce fit: {failed.get('all_reduce')}")
+        import json
+
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        doc = calibrated_preset(base, fits, notes=f"{args.nproc} local gloo ranks, best of {args.rounds} medians of {args.repeats} calls, sizes "
+                                f"{sizes[0]}..{sizes[-1]} bytes, 1-min load average {load:.2f} after.")
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote calibrated preset to {args.out}", file=sys.stderr)
+    return 0
+
+
 # ---- not built yet -----------------------------------------------------------------------------
 
 
@@ -706,9 +777,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, help="rendezvous port (default: a free port)")
     p.set_defaults(func=cmd_run)
 
-    for name, what in (("profile", "measure ops and collectives"), ("validate", "run a plan and compare predicted with measured")):
-        p = sub.add_parser(name, help=f"{what} (not implemented yet)", allow_abbrev=False)
-        p.set_defaults(func=cmd_not_implemented)
+    p = sub.add_parser("profile", help="measure collectives and fit their links (op profiling: not implemented yet)",
+                       allow_abbrev=False)
+    p.add_argument("--collectives", action="store_true", help="measure collectives on local gloo ranks and fit alpha-beta links")
+    p.add_argument("--hardware", default="local", help="base preset for --out (default: local)")
+    p.add_argument("--nproc", type=int, default=2, help="number of local ranks (default: 2)")
+    p.add_argument("--out", help="write the calibrated preset JSON here")
+    p.add_argument("--max-bytes", type=int, help="largest size to measure (default: 64 MiB)")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per size and round (default: 7)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per size; the lowest median is kept (default: 3)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("validate", help="run a plan and compare predicted with measured (not implemented yet)",
+                       allow_abbrev=False)
+    p.set_defaults(func=cmd_not_implemented)
     return parser
 
 
@@ -720,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra and args.command not in ("run", "profile", "validate"):
+        # profile without --collectives and validate are not built yet: they say so whatever the arguments
+        if extra and not (args.command in ("run", "validate") or (args.command == "profile" and not args.collectives)):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2

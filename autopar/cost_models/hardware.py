@@ -2,13 +2,15 @@
 
 Presets are data, not code: ``autopar/cost_models/presets/<name>.json``, one per machine type, each
 with ``"schema": 1`` and a ``"notes"`` string that says where its numbers come from. A user can pass
-the path of their own ``.json`` file with the same fields instead of a preset name.
+the path of their own ``.json`` file with the same fields instead of a preset name. An optional
+``"collectives"`` object (written by ``autopar profile --collectives``) holds one fitted link per
+collective; :meth:`Hardware.link_for` returns it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,6 +50,9 @@ class Hardware:
     inter_node: Link
     # The collective backend has no all-to-all (gloo): DTensor gathers instead, at n times the bytes.
     all_to_all_as_all_gather: bool = False
+    # Optional per-collective links fitted by ``autopar profile --collectives`` (op name -> Link);
+    # see :meth:`link_for`. Not part of the hash (equal Hardware still hash equal).
+    collective_links: dict = field(default_factory=dict)
 
     def __hash__(self) -> int:  # peak_flops is a dict, so hash its items
         return hash((self.name, tuple(sorted(self.peak_flops.items())), self.memory_bandwidth_Bps,
@@ -58,6 +63,10 @@ class Hardware:
         key = str(dtype).removeprefix("torch.").lower()
         key = _DTYPE_ALIASES.get(key, key)
         return self.peak_flops.get(key, self.peak_flops["float32"])
+
+    def link_for(self, op: str, default: Link) -> Link:
+        """The link fitted for collective ``op`` (preset key ``"collectives"``) if any, else ``default``."""
+        return self.collective_links.get(op, default)
 
 
 def list_presets() -> list[str]:
@@ -127,7 +136,28 @@ def _from_dict(data: object, source: str) -> Hardware:
         intra_node=link("intra_node"),
         inter_node=link("inter_node"),
         all_to_all_as_all_gather=_flag(data, "all_to_all_as_all_gather", bad),
+        collective_links=_collectives(data, bad, number),
     )
+
+
+def _collectives(data: dict, bad, number) -> dict[str, Link]:
+    """The optional ``"collectives": {op: {"bandwidth_Bps", "latency_s", ["max_rel_error"]}}`` block."""
+    from autopar.cost_models.comm import COLLECTIVE_OPS  # comm imports this module
+
+    block = data.get("collectives", {})
+    if not isinstance(block, dict):
+        raise bad("collectives", "must be an object of collective name -> {bandwidth_Bps, latency_s}")
+    out = {}
+    for op, obj in block.items():
+        if op not in COLLECTIVE_OPS:
+            raise bad(f"collectives.{op}", f"is not a collective; expected one of {', '.join(sorted(COLLECTIVE_OPS))}")
+        if not isinstance(obj, dict):
+            raise bad(f"collectives.{op}", "is not an object with bandwidth_Bps and latency_s")
+        prefix = f"collectives.{op}."
+        out[op] = Link(number(obj, "bandwidth_Bps", prefix), number(obj, "latency_s", prefix, zero_ok=True))
+        if "max_rel_error" in obj:
+            number(obj, "max_rel_error", prefix, zero_ok=True)
+    return out
 
 
 def _flag(data: dict, field: str, bad) -> bool:
