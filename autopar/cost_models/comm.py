@@ -155,7 +155,8 @@ def price_steps(steps, src, shape, itemsize, axes, links, a2a_as_all_gather: boo
 
     On each step's axis a, B is the local byte size with a itself unsharded and every other axis
     at its current placement (updated step by step), and the collective is chosen as in
-    :func:`redistribute_collectives`. ``axes`` and ``links`` are tuples in mesh order. With
+    :func:`redistribute_collectives`. ``axes`` and ``links`` are tuples in mesh order; a link may
+    be a dict of collective -> Link (a preset calibrated per collective). With
     ``a2a_as_all_gather`` (gloo has no all-to-all) S(d)->S(e) is an all-gather of B.
     The cost model passes DTensor's own steps, so it prices what actually runs.
     """
@@ -172,7 +173,8 @@ def price_steps(steps, src, shape, itemsize, axes, links, a2a_as_all_gather: boo
         nbytes = math.prod(local_shape(shape, without_a, sizes)) * itemsize
         if op == "all_to_all":
             op, nbytes = ("all_gather", nbytes) if a2a_as_all_gather else (op, -(-nbytes // n))
-        out.append(Collective(op, name, nbytes, collective_time(op, nbytes, n, links[a])))
+        link = links[a][op] if isinstance(links[a], dict) else links[a]  # per-collective calibration
+        out.append(Collective(op, name, nbytes, collective_time(op, nbytes, n, link)))
     return tuple(out)
 
 

@@ -100,6 +100,11 @@ class CostContext:
         self.hw = hw
         self.links = axis_links(axes, hw)
         self.a2a_as_all_gather = bool(getattr(hw, "all_to_all_as_all_gather", False))
+        # a preset calibrated per collective (autopar profile --collectives) prices each op on its own fit
+        ops = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+        # (local ranks measure the intra-node link only, so only intra-node axes use the fits)
+        self._op_links = tuple({op: hw.link_for(op, link) for op in ops} if link == hw.intra_node else link
+                               for link in (self.links[a] for a in axes))
         self._cache: dict = {}
 
     def collectives(self, src: tuple, dst: tuple, shape: tuple, itemsize: int) -> tuple:
@@ -113,8 +118,7 @@ class CostContext:
 
     def _price(self, src, dst, shape, itemsize):
         steps = tuple((dim, a, b) for dim, a, b, _ in redistribute_steps(self.axes, src, dst, shape, itemsize))
-        return price_steps(steps, src, shape, itemsize, tuple(self.axes.items()),
-                           tuple(self.links[a] for a in self.axes), self.a2a_as_all_gather)
+        return price_steps(steps, src, shape, itemsize, tuple(self.axes.items()), self._op_links, self.a2a_as_all_gather)
 
     def time(self, src, dst, shape, itemsize) -> float:
         return sum(c.time_s for c in self.collectives(src, dst, shape, itemsize))

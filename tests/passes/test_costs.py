@@ -1,0 +1,26 @@
+"""The cost context prices collectives from the preset, per collective when it is calibrated."""
+
+from __future__ import annotations
+
+import json
+
+from autopar.cost_models.hardware import PRESET_DIR, load_hardware
+from autopar.passes.annotate import CostContext
+from autopar.placements import REPLICATE as R
+from autopar.placements import partial, shard
+
+
+def test_calibrated_collectives_are_priced_with_their_own_fit(tmp_path):
+    doc = json.loads((PRESET_DIR / "local.json").read_text())
+    slow_gather = {"bandwidth_Bps": 1e6, "latency_s": 0.0}
+    doc["collectives"] = {"all_gather": {**slow_gather, "max_rel_error": 0.1}}
+    path = tmp_path / "calibrated.json"
+    path.write_text(json.dumps(doc))
+    plain = CostContext({"tp": 2}, load_hardware("local"))
+    calibrated = CostContext({"tp": 2}, load_hardware(str(path)))
+    shape, item = (1024, 1024), 4
+    (g,) = calibrated.collectives((shard(0),), (R,), shape, item)
+    assert g.op == "all_gather" and g.time_s == (1 / 2) * (4 << 20) / 1e6  # the fitted link, not the preset's
+    assert plain.time((shard(0),), (R,), shape, item) < g.time_s
+    # collectives without a fit keep the preset's link
+    assert calibrated.time((partial(),), (R,), shape, item) == plain.time((partial(),), (R,), shape, item)
