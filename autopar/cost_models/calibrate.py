@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import socket
 import statistics
-import tempfile
 import time
-import traceback
 from datetime import datetime, timezone
 
 import numpy as np
@@ -289,30 +285,9 @@ def calibrated_preset(base: Hardware, fits: dict, *, notes: str = "", replace: t
 # ---- launching local ranks ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _local_worker(rank: int, world: int, port: int, outdir: str, kwargs: dict) -> None:
-    import torch
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)  # one local "device" is one rank, as under torchrun
-    result = None
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        times = measure_collectives(**kwargs)
-        result = ("ok", (dict(times), times.missing, times.world, times.backend))
-    except BaseException:  # noqa: BLE001 - hand every failure to the launcher
-        result = ("error", traceback.format_exc())
-    finally:
-        with open(os.path.join(outdir, f"{rank}.pkl"), "wb") as f:
-            pickle.dump(result, f)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _measure_on_rank(rank, world, kwargs):
+    times = measure_collectives(**kwargs)
+    return dict(times), times.missing, times.world, times.backend
 
 
 def launch_local(nproc: int = 2, timeout: float = 900, **kwargs) -> CollectiveTimes:
@@ -320,33 +295,12 @@ def launch_local(nproc: int = 2, timeout: float = 900, **kwargs) -> CollectiveTi
 
     Returns rank 0's result (all ranks agree). Raises RuntimeError with the failing rank's traceback.
     """
-    import torch.multiprocessing as mp
+    from ..launch import RankError, run_local
 
     if nproc < 2:
         raise ValueError(f"need at least 2 ranks to measure collectives, got {nproc}")
-    with tempfile.TemporaryDirectory(prefix="autopar-profile-") as outdir:
-        ctx = mp.start_processes(_local_worker, args=(nproc, _free_port(), outdir, kwargs), nprocs=nproc,
-                                 join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout
-        try:
-            while not ctx.join(max(0.1, deadline - time.monotonic())):  # returns as each rank exits
-                if time.monotonic() >= deadline:
-                    break
-        except Exception:  # noqa: BLE001 - a rank died; its pickle (if any) says why
-            pass
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-        results = []
-        for r in range(nproc):
-            path = os.path.join(outdir, f"{r}.pkl")
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} of {nproc} produced no result (crashed or timed out)")
-            with open(path, "rb") as f:
-                results.append(pickle.load(f))
-    errors = [f"rank {r}: {res[1]}" for r, res in enumerate(results) if res[0] != "ok"]
-    if errors:
-        raise RuntimeError("measuring collectives failed:\n" + "\n".join(errors))
-    times, missing, world, backend = results[0][1]
+    try:
+        times, missing, world, backend = run_local(_measure_on_rank, nproc, kwargs, timeout=timeout)[0]
+    except RankError as exc:
+        raise RuntimeError(f"measuring collectives failed:\n{exc}") from None
     return CollectiveTimes(times, missing=missing, world=world, backend=backend)
