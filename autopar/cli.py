@@ -680,6 +680,24 @@ def profile_sections(times: dict, fits: dict, failed: dict, n: int) -> list[Sect
     return sections
 
 
+def cmd_validate(args) -> int:
+    from .mesh import Mesh
+    from .plan import Plan
+    from .validate import report, validate
+
+    mesh = Mesh.parse(args.mesh, hardware=args.hardware)  # checks names, sizes and the preset first
+    if args.steps < 1:
+        raise AutoparError(f"--steps must be at least 1, got {args.steps}")
+    res = validate(args.model, mesh.axes, hardware=args.hardware, mode=args.mode, steps=args.steps,
+                   batch=args.batch, seq=args.seq)
+    print(f"validated {args.model} on {args.mesh} ({mesh.size} local ranks, costed with {args.hardware})")
+    print(report(res))
+    if args.out:
+        Plan.from_json(res["plan"]).save(args.out)
+        print(f"saved plan to {args.out}")
+    return 0
+
+
 def cmd_profile(args) -> int:
     if not args.collectives:
         print(f"autopar profile: op profiling is {NOT_IMPLEMENTED}; "
@@ -717,14 +735,6 @@ def cmd_profile(args) -> int:
         out.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote calibrated preset to {args.out}", file=sys.stderr)
     return 0
-
-
-# ---- not built yet -----------------------------------------------------------------------------
-
-
-def cmd_not_implemented(args) -> int:
-    print(f"autopar {args.command}: {NOT_IMPLEMENTED}", file=sys.stderr)
-    return 2
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -788,9 +798,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="rounds per size; the lowest median is kept (default: 3)")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("validate", help="run a plan and compare predicted with measured (not implemented yet)",
+    p = sub.add_parser("validate", help="plan a model, run it on local ranks, compare predicted with measured",
                        allow_abbrev=False)
-    p.set_defaults(func=cmd_not_implemented)
+    p.add_argument("--model", required=True, help="a preset name (e.g. tiny-gpt2) or path/to/file.py:factory")
+    p.add_argument("--mesh", required=True, help="axis sizes, e.g. tp=2 or dp=2,tp=2 (local ranks = their product)")
+    p.add_argument("--hardware", default="local", help="preset the plan is costed with (default: local)")
+    p.add_argument("--mode", default="train", choices=["train", "infer"])
+    p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default: 5)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--out", help="save the plan that was run here")
+    p.set_defaults(func=cmd_validate)
     return parser
 
 
@@ -803,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, extra = parser.parse_known_args(argv)
         # profile without --collectives and validate are not built yet: they say so whatever the arguments
-        if extra and not (args.command in ("run", "validate") or (args.command == "profile" and not args.collectives)):
+        if extra and not (args.command == "run" or (args.command == "profile" and not args.collectives)):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
