@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 import torch.nn as nn
 
 from .errors import AutoparError, MeshError, PlanError
@@ -31,10 +30,7 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     """
     _check(model, mesh, mode)
     say = progress or (lambda msg: None)
-    from .passes.annotate import CostContext, annotate
-    from .passes.build_plan import build_plan
     from .passes.trace import trace
-    from .solvers.intra_op import solve
 
     t0 = time.perf_counter()
     tg = trace(model, example_inputs, example_kwargs)
@@ -85,8 +81,6 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
     mismatch raises ``PlanError``.
     """
     _check(model, mesh, mode)
-    import torch.distributed as dist
-
     from .codegen.lower import lower
     from .codegen.runtime import ParallelModule
     from .passes.annotate import CostContext

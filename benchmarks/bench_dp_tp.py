@@ -35,7 +35,6 @@ def _time(step, steps):
 
 
 def _bench(rank, world, model_name, steps):
-    import torch.distributed as dist
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     from torch.nn.parallel import DistributedDataParallel as DDP
 

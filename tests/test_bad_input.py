@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import autopar
-from autopar.errors import AutoparError, MeshError, PlanError, TraceError
+from autopar.errors import MeshError, PlanError, TraceError
 from dist_utils import run_ranks
 from models import MLP
 

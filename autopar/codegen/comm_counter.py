@@ -8,7 +8,6 @@ unscattered input for reduce-scatter, one rank's buffer for all-to-all.
 
 from __future__ import annotations
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _NAMES = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 
-from ..placements import REPLICATE
 from .annotate import Annotated, CostContext, grad_placements
 from .strategies import VIEW_OPS, op_name
 
@@ -22,7 +21,7 @@ def _coll(c, phase, tensor, node, src, dst, axes) -> dict:
     return d
 
 
-def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, hardware: str) -> "Plan":
+def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, hardware: str):
     from ..plan import Plan
 
     axes = list(an.axes)

@@ -128,8 +128,6 @@ _MESHES: dict[tuple, object] = {}
 
 def abstract_device_mesh(axes: dict[str, int]):
     """A DeviceMesh with no process group, for building DTensor specs while planning."""
-    from torch.distributed.device_mesh import DeviceMesh
-
     key = tuple(axes.items())
     if key not in _MESHES:
         _MESHES[key] = _new_abstract_mesh(axes)
