@@ -36,11 +36,16 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     tg = trace(model, example_inputs, example_kwargs)
     say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     return plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
-                       progress=say, trainable={n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad})
+                       progress=say, trainable=_trainable(model))
+
+
+def _trainable(model: nn.Module) -> set[str]:
+    """FQNs of trainable parameters, every name of a tied parameter included."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 
 def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None):
-    from .passes.annotate import CostContext, annotate
+    from .passes.annotate import annotate
     from .passes.build_plan import build_plan
     from .solvers.intra_op import solve
 
@@ -70,7 +75,7 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     limit = memory_limit_bytes if memory_limit_bytes is not None else hw.memory_capacity_bytes
     sol = solve(an.problem(limit), time_limit_s=time_limit_s, progress=progress)
     progress(f"solved ({sol.status}) in {sol.solve_time_s:.1f} s: predicted {sol.objective * 1e3:.3f} ms per step")
-    return build_plan(an, CostContext(mesh.axes, hw), sol.choice, sol, mesh.hardware)
+    return build_plan(an, sol, mesh.hardware)
 
 
 def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
@@ -97,7 +102,7 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
     if plan is None:
         plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                            progress=progress or (lambda m: None),
-                           trainable={n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad})
+                           trainable=_trainable(model))
     else:
         check_graph_hash(plan, tg.graph_hash)
         if dict(plan.mesh) != dict(mesh.axes):

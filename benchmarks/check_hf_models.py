@@ -50,6 +50,7 @@ def build(name):
 
 def _check(rank, world, names, axes):
     import autopar
+    from models import rel_err
 
     out = {}
     for name in names:
@@ -62,9 +63,9 @@ def _check(rank, world, names, axes):
         y.float().pow(2).mean().backward()
         y_ref.float().pow(2).mean().backward()
         ref_params = dict(ref.named_parameters())
-        grad = max(float((p.grad.full_tensor() - ref_params[n].grad).abs().max() / max(ref_params[n].grad.abs().max(), 1e-3))
+        grad = max(rel_err(p.grad.full_tensor(), ref_params[n].grad)
                    for n, p in pm.named_parameters() if ref_params[n].grad is not None)
-        out[name] = {"out": float((y - y_ref).abs().max() / y_ref.abs().max()), "grad": grad,
+        out[name] = {"out": rel_err(y, y_ref), "grad": grad,
                      "fixups": len(pm.runtime_fixups), "warnings": [w[:80] for w in pm.plan.warnings]}
     return out
 

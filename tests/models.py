@@ -104,6 +104,12 @@ def logits(out):
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Error relative to the reference tensor's scale, with a floor for near-zero tensors
+    (gradients that are mathematically zero are rounding noise; see FACTS.md)."""
+    return float((a.float() - b.float()).abs().max() / max(float(b.float().abs().max()), 1e-3))
+
+
 class ConvNet(nn.Module):
     """A small CNN with BatchNorm (running statistics are buffers the forward pass updates)."""
 

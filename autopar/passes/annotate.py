@@ -75,8 +75,8 @@ class Annotated:
     node_cost: list[np.ndarray]
     node_mem: list[np.ndarray]
     edge_cost: list[np.ndarray]
+    ctx: "CostContext" = None  # the cost queries behind edge_cost, reused to itemise the chosen plan
     warnings: list[str] = field(default_factory=list)
-    index: dict = field(default_factory=dict)  # fx.Node -> decision index
 
     def problem(self, memory_limit: float | None) -> ShardingProblem:
         return ShardingProblem(
@@ -247,7 +247,7 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
         edge_cost.append(m)
 
     return Annotated(tg, axes, mode, nodes, kind, strategies, edges, node_cost, node_mem, edge_cost,
-                     warnings=list(enum.warnings), index=index)
+                     ctx=ctx, warnings=list(enum.warnings))
 
 
 def local_shapes(metas, pls, axis_sizes):

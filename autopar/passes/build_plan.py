@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .annotate import Annotated, CostContext, grad_placements
+from .annotate import Annotated, grad_placements
 from .strategies import VIEW_OPS, op_name
 
 
@@ -21,8 +21,17 @@ def _coll(c, phase, tensor, node, src, dst, axes) -> dict:
     return d
 
 
-def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, hardware: str):
+def build_plan(an: Annotated, solution, hardware: str):
+    """The Plan for ``solution.choice``, itemised with the same cost queries the solver was given."""
     from ..plan import Plan
+
+    ctx, choice = an.ctx, solution.choice
+    feeding: dict[int, list[int]] = {}  # decision node -> its producers
+    touching: dict[int, list[int]] = {}  # decision node -> indices of the edges at it
+    for k, e in enumerate(an.edges):
+        feeding.setdefault(e.dst, []).append(e.src)
+        touching.setdefault(e.src, []).append(k)
+        touching.setdefault(e.dst, []).append(k)
 
     axes = list(an.axes)
     chosen = [an.strategies[v][c] for v, c in enumerate(choice)]
@@ -61,10 +70,9 @@ def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, har
         """The parameter a tensor is a pure view of (permute/view chains), if any: a gradient that
         must be reduced there is that parameter's gradient sync, wherever the model puts it."""
         while an.kind[v] == "op" and op_name(an.nodes[v]) in VIEW_OPS:
-            feeding = [e.src for e in an.edges if e.dst == v]
-            if len(feeding) != 1:
+            if len(feeding.get(v, ())) != 1:
                 return None
-            v = feeding[0]
+            v = feeding[v][0]
         return v if an.kind[v] == "param" else None
 
     collectives = []
@@ -103,7 +111,6 @@ def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, har
         b = int(an.node_mem[v][choice[v]])
         if an.kind[v] == "param":
             val = node.meta["val"]
-            w = b if not train else None
             if train and b:
                 # node memory = weight + grad + 2 fp32 moments; split it back for the report
                 unit = b / (2 + 2 * 4 / val.element_size())
@@ -111,7 +118,7 @@ def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, har
                 mem["grads"] += int(unit)
                 mem["optimizer"] += int(b - 2 * unit)
             else:
-                mem["params"] += w if w is not None else b
+                mem["params"] += b
         elif an.kind[v] == "buffer":
             mem["params"] += b
         else:
@@ -122,7 +129,7 @@ def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, har
     for v, node in enumerate(an.nodes):
         if an.kind[v] != "param" or len(an.strategies[v]) < 2:
             continue
-        alts = _local_alternatives(an, v, choice)
+        alts = _local_alternatives(an, v, choice, touching.get(v, ()))
         fqn = an.tg.params[node.name]
         best = alts[choice[v]]
         explanations[fqn] = {
@@ -147,10 +154,11 @@ def build_plan(an: Annotated, ctx: CostContext, choice: list[int], solution, har
         warnings=list(an.warnings), explanations=explanations)
 
 
-def _local_alternatives(an: Annotated, v: int, choice: list[int]) -> np.ndarray:
+def _local_alternatives(an: Annotated, v: int, choice: list[int], edges_at_v) -> np.ndarray:
     """Cost of each strategy of node v with every other node's choice held fixed."""
     total = an.node_cost[v].astype(float).copy()
-    for e, m in zip(an.edges, an.edge_cost):
+    for k in edges_at_v:
+        e, m = an.edges[k], an.edge_cost[k]
         if e.src == v:
             total += m[:, choice[e.dst]]
         elif e.dst == v:

@@ -21,12 +21,6 @@ MODELS = ["mlp", "gpt", "hf_gpt2", "hf_llama"]
 SHARDING_PRESET = os.path.join(os.path.dirname(__file__), "..", "data", "compute_bound.json")
 
 
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Error relative to the reference tensor's scale, with a floor for near-zero tensors
-    (gradients that are mathematically zero are rounding noise; see FACTS.md)."""
-    return float((a.float() - b.float()).abs().max() / max(float(b.float().abs().max()), 1e-3))
-
-
 LR = 1e-2
 ZERO_GRAD_MODELS = {"hf_gpt2", "convnet"}
 
@@ -54,7 +48,7 @@ def _param_tolerance(name) -> float:
 
 def _check_models(rank, world, axes, names):
     import autopar
-    from models import build, logits
+    from models import build, logits, rel_err
 
     report = {}
     for name in names:
@@ -66,14 +60,14 @@ def _check_models(rank, world, axes, names):
         for step in range(3):
             y, y_ref = logits(pm(*inputs)), logits(ref(*inputs))
             if step == 0:
-                errs["out"] = _err(y, y_ref)
+                errs["out"] = rel_err(y, y_ref)
             y.float().pow(2).mean().backward()
             y_ref.float().pow(2).mean().backward()
             ref_params = dict(ref.named_parameters())
             for fqn, p in pm.named_parameters():
                 assert p.grad is not None, f"{name}: {fqn} got no gradient"
                 if step == 0:
-                    errs["grad"] = max(errs["grad"], _err(p.grad.full_tensor(), ref_params[fqn].grad))
+                    errs["grad"] = max(errs["grad"], rel_err(p.grad.full_tensor(), ref_params[fqn].grad))
             opt.step(), ref_opt.step()
             opt.zero_grad(), ref_opt.zero_grad()
         for fqn, p in pm.named_parameters():
