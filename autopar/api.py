@@ -12,7 +12,10 @@ from .mesh import Mesh
 MODES = ("train", "infer")
 
 
-def _check(model, mesh, mode):
+def _check(model, mesh, mode, optimizer="adamw"):
+    from .cost_models.memory import check_optimizer
+
+    check_optimizer(optimizer)
     if not isinstance(model, nn.Module):
         raise AutoparError(f"autopar needs an nn.Module, got {type(model).__name__}")
     if not isinstance(mesh, Mesh):
@@ -22,13 +25,20 @@ def _check(model, mesh, mode):
 
 
 def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
-         time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None):
+         time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None, op_profile="auto",
+         pins: dict | None = None, optimizer: str = "adamw"):
     """Plan ``model`` on ``mesh`` without running anything; works on the ``meta`` device.
 
-    Returns an ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and
+    ``pins`` fixes placements the solver must keep: ``{"blocks.*.fc1.weight": "S(0)"}`` (fnmatch
+    patterns over parameter FQNs and graph node names; one placement per mesh axis, or a dict
+    ``{axis: placement}`` that leaves the other axes free).
+    ``op_profile``: ``"auto"`` costs ops with this device's measured times (``autopar profile
+    --hardware local``) when the hardware preset is ``local``; a path uses that profile file;
+    ``None`` uses the roofline only. ``optimizer`` ("adamw", "adamw8bit", "sgd", "sgd-momentum")
+    sets the optimizer state the memory model counts. Returns an ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and
     ``InfeasibleError`` if no layout fits the device memory.
     """
-    _check(model, mesh, mode)
+    _check(model, mesh, mode, optimizer)
     say = progress or (lambda msg: None)
     from .passes.trace import trace
 
@@ -36,7 +46,7 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     tg = trace(model, example_inputs, example_kwargs)
     say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     return plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
-                       progress=say, trainable=_trainable(model))
+                       progress=say, trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer)
 
 
 def _trainable(model: nn.Module) -> set[str]:
@@ -44,7 +54,16 @@ def _trainable(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 
-def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None):
+def _op_profile(spec, hw):
+    from .cost_models.profile import load_profile
+
+    if spec == "auto":
+        return load_profile() if hw.name == "local" else None
+    return None if spec is None else load_profile(spec)
+
+
+def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None,
+                op_profile="auto", pins=None, optimizer="adamw"):
     from .passes.annotate import annotate
     from .passes.build_plan import build_plan
     from .solvers.intra_op import solve
@@ -63,9 +82,13 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
             progress(f"traced the joint forward+backward graph in {time.perf_counter() - t0:.1f} s")
         except Exception as exc:  # the forward plan stands; only the backward estimate is coarser
             warnings.append(f"the joint forward+backward graph could not be traced ({type(exc).__name__}: "
-                            f"{str(exc)[:160]}); backward costs use 2x forward and every output counts as saved")
+                            f"{str(exc)[:160]}); backward costs use 2x forward")
     t0 = time.perf_counter()
-    an = annotate(tg, mesh.axes, hw, mode, trainable=trainable, joint=joint)
+    prof = _op_profile(op_profile, hw)
+    if prof is not None:
+        progress(f"costing ops with the profile {prof.path} ({len(prof.ops)} measured op calls)")
+    an = annotate(tg, mesh.axes, hw, mode, trainable=trainable, joint=joint, profile=prof, pins=pins,
+                  optimizer=optimizer)
     an.warnings.extend(warnings)
     n_strats = sum(len(s) for s in an.strategies)
     progress(f"annotated {len(an.nodes)} decision nodes, {n_strats} strategies, {len(an.edges)} edges "
@@ -75,17 +98,23 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     limit = memory_limit_bytes if memory_limit_bytes is not None else hw.memory_capacity_bytes
     sol = solve(an.problem(limit), time_limit_s=time_limit_s, progress=progress)
     progress(f"solved ({sol.status}) in {sol.solve_time_s:.1f} s: predicted {sol.objective * 1e3:.3f} ms per step")
-    return build_plan(an, sol, mesh.hardware)
+    plan = build_plan(an, sol, mesh.hardware)
+    if pins:
+        import json
+
+        plan.solver["pins"] = json.dumps(pins, sort_keys=True)  # the user fixed these; explain says so
+    return plan
 
 
 def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
-            plan=None, time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None):
+            plan=None, time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None,
+            op_profile="auto", pins: dict | None = None, optimizer: str = "adamw"):
     """Plan (or take ``plan``) and build the ParallelModule. Call on every rank.
 
     Every rank must reach the same plan; the plan hashes are compared across ranks and a
     mismatch raises ``PlanError``.
     """
-    _check(model, mesh, mode)
+    _check(model, mesh, mode, optimizer)
     from .codegen.lower import lower
     from .codegen.runtime import ParallelModule
     from .passes.annotate import CostContext
@@ -102,7 +131,7 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
     if plan is None:
         plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                            progress=progress or (lambda m: None),
-                           trainable=_trainable(model))
+                           trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer)
     else:
         check_graph_hash(plan, tg.graph_hash)
         if dict(plan.mesh) != dict(mesh.axes):

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cost_models.memory import OPTIMIZERS
 from .errors import AutoparError, InfeasibleError
 from .mesh import AXIS_ORDER
 from .plan import Plan, format_bytes, format_seconds
 
-NOT_IMPLEMENTED = "not implemented yet: tracked in issue 3 (cost model calibration)"
 
 
 # ---- tables ------------------------------------------------------------------------------------
@@ -282,8 +282,8 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
 
     hw = _hardware(plan.hardware)
     capacity = getattr(hw, "memory_capacity_bytes", None) if hw is not None else None
-    rows = [[k, format_bytes(v), _pct(v, capacity)] for k, v in plan.memory.items()]
-    rows.append(["total", format_bytes(sum(plan.memory.values())), _pct(sum(plan.memory.values()), capacity)])
+    rows = [[f"optimizer ({plan.optimizer})" if k == "optimizer" else k, format_bytes(v), _pct(v, capacity)]
+            for k, v in plan.memory.items()]
     rows.append(["peak", format_bytes(plan.peak_memory_bytes), _pct(plan.peak_memory_bytes, capacity)])
     notes = [
         f"capacity of one {plan.hardware} device: {format_bytes(capacity)}"
@@ -559,7 +559,12 @@ def cmd_plan(args) -> int:
     if args.devices is not None and args.devices < 1:
         raise AutoparError(f"--devices must be a positive int, got {args.devices}")
     model, example_inputs = models.build(args.model, batch=args.batch, seq=args.seq, device="meta")
-    options = {"mode": args.mode, "progress": _progress}
+    options = {"mode": args.mode, "progress": _progress, "optimizer": args.optimizer}
+    if args.pin:
+        bad = [x for x in args.pin if "=" not in x]
+        if bad:
+            raise AutoparError(f"--pin takes PATTERN=PLACEMENT, e.g. 'blocks.*.fc1.weight=S(0)'; got {bad[0]!r}")
+        options["pins"] = dict(x.split("=", 1) for x in args.pin)
     if args.time_limit is not None:
         options["time_limit_s"] = args.time_limit
 
@@ -651,32 +656,37 @@ def cmd_run(args, script_args: list[str]) -> int:
 # ---- profile -----------------------------------------------------------------------------------
 
 
-def profile_sections(times: dict, fits: dict, failed: dict, n: int) -> list[Section]:
-    """Tables for ``autopar profile --collectives``: measured vs fitted per collective, then the fits."""
-    from .cost_models.calibrate import fitted_time
+def profile_sections(times: dict, fits: dict, failed: dict, n: int, threshold: float = 0.25) -> list[Section]:
+    """Tables for ``autopar profile --collectives``: measured vs fitted per collective, then the fits
+    ({op: (SegmentedLink, max rel error)}) and whether each is within ``threshold`` at every size."""
+    from .cost_models.calibrate import LATENCY_ONLY_BW
+    from .cost_models.comm import collective_time
 
-    sections = []
+    sections, summary, headers = [], [], ["size", "measured", "fitted", "rel. error"]
     for op, per_size in times.items():
-        if op in fits:
-            alpha, bw, err = fits[op]
-            rows = []
-            for nbytes, t in sorted(per_size.items()):
-                f = fitted_time(op, nbytes, n, alpha, bw)
-                rows.append([format_bytes(nbytes), format_seconds(t), format_seconds(f), f"{100 * (f - t) / t:+.1f}%"])
-            notes = [f"fit: latency {format_seconds(alpha)}, bandwidth {bw / 1e9:.3g} GB/s, max |relative error| {100 * err:.1f}%"]
-        else:
-            rows = [[format_bytes(nb), format_seconds(t), "-", "-"] for nb, t in sorted(per_size.items())]
-            notes = [f"not fitted: {failed.get(op, 'not measured')}"]
-        sections.append(Section(f"{op} ({n} ranks)", ["size", "measured", "fitted", "rel. error"], rows, {0, 1, 2, 3}, notes))
-    rows = []
-    for op in times:
-        if op in fits:
-            alpha, bw, err = fits[op]
-            rows.append([op, format_seconds(alpha), f"{bw / 1e9:.3g} GB/s", f"{100 * err:.1f}%"])
-        else:
-            rows.append([op, "-", "-", f"missing: {failed.get(op, 'not measured')}"])
-    sections.append(Section("Fitted links (t = k_a*latency + k_b*S/bandwidth, ring factors of collective_time)",
-                            ["collective", "latency", "bandwidth", "max rel. error"], rows, {1, 2, 3}))
+        sizes = sorted(per_size)
+        if op not in fits:
+            rows = [[format_bytes(nb), format_seconds(per_size[nb]), "-", "-"] for nb in sizes]
+            sections.append(Section(f"{op} ({n} ranks)", headers, rows, {0, 1, 2, 3}, [f"not fitted: {failed.get(op, 'not measured')}"]))
+            summary.append([op, "-", "-", "-", "-", f"SKIP ({failed.get(op, 'not measured')})"])
+            continue
+        link, err = fits[op]
+        rows = []
+        for nb in sizes:
+            f = collective_time(op, nb, n, link)
+            rows.append([format_bytes(nb), format_seconds(per_size[nb]), format_seconds(f), f"{100 * (f - per_size[nb]) / per_size[nb]:+.1f}%"])
+        verdict = "PASS" if err <= threshold else "FAIL"
+        sections.append(Section(f"{op} ({n} ranks)", headers, rows, {0, 1, 2, 3},
+                                [f"max |relative error| {100 * err:.1f}%: {verdict} (threshold {100 * threshold:.0f}%)"]))
+        for i, (_, x) in enumerate(link.segments):
+            own = [nb for nb in sizes if link.at(nb) is x]
+            span = f"{format_bytes(own[0])}..{format_bytes(own[-1])}" if own else "-"
+            bw = f"{x.bandwidth_Bps / 1e9:.3g} GB/s" if x.bandwidth_Bps < LATENCY_ONLY_BW else "(latency only)"
+            summary.append([op if i == 0 else "", span, format_seconds(x.latency_s), bw,
+                            f"{100 * err:.1f}%" if i == 0 else "", verdict if i == 0 else ""])
+    sections.append(Section(f"Fitted links (t = k_a*latency + k_b*S/bandwidth per size regime, ring factors of collective_time); "
+                            f"check: every size within {100 * threshold:.0f}%",
+                            ["collective", "sizes", "latency", "bandwidth", "max rel. error", "check"], summary, {2, 3, 4}))
     return sections
 
 
@@ -698,21 +708,39 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_profile_ops(args) -> int:
+    from .cost_models.hardware import load_hardware
+    from .mesh import Mesh
+    from .profiler import profile_model, report
+
+    if load_hardware(args.hardware).name != "local":
+        raise AutoparError(f"op profiling times the ops on this machine, which the preset 'local' describes; "
+                           f"got --hardware {args.hardware}. Run `autopar profile --hardware local`")
+    args.repeats = 7 if args.repeats is None else args.repeats
+    if args.repeats < 1:
+        raise AutoparError(f"--repeats must be a positive int, got {args.repeats}")
+    mesh = Mesh.parse(args.mesh, hardware=args.hardware)
+    _progress(f"profiling the ops of {args.model} for mesh {args.mesh} on this device (one rank, one thread)")
+    res = profile_model(args.model, mesh.axes, mode=args.mode, batch=args.batch, seq=args.seq, repeats=args.repeats,
+                        refresh=args.refresh)
+    print(report(res))
+    return 0
+
+
 def cmd_profile(args) -> int:
     if not args.collectives:
-        print(f"autopar profile: op profiling is {NOT_IMPLEMENTED}; "
-              "`autopar profile --collectives` measures and fits collectives", file=sys.stderr)
-        return 2
+        return cmd_profile_ops(args)
     from .cost_models.calibrate import DEFAULT_SIZES, calibrated_preset, fit_all, launch_local
     from .cost_models.hardware import load_hardware
 
     if args.nproc < 2:
         raise AutoparError(f"--nproc must be at least 2 to measure collectives, got {args.nproc}")
+    args.repeats = 3 if args.repeats is None else args.repeats
     if args.repeats < 1 or args.rounds < 1:
         raise AutoparError(f"--repeats and --rounds must be positive ints, got {args.repeats} and {args.rounds}")
     sizes = [s for s in DEFAULT_SIZES if args.max_bytes is None or s <= args.max_bytes]
     if len(sizes) < 2:
-        raise AutoparError(f"--max-bytes {args.max_bytes} leaves fewer than two sizes to fit (the smallest are 1 KiB, 4 KiB)")
+        raise AutoparError(f"--max-bytes {args.max_bytes} leaves fewer than two sizes to fit (the smallest are 1 KiB, 2 KiB)")
     base = load_hardware(args.hardware)
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
@@ -730,7 +758,7 @@ def cmd_profile(args) -> int:
         import json
 
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        doc = calibrated_preset(base, fits, notes=f"{args.nproc} local gloo ranks, best of {args.rounds} medians of {args.repeats} calls, sizes "
+        doc = calibrated_preset(base, fits, notes=f"{args.nproc} local gloo ranks, fastest of {args.rounds} rounds x {args.repeats} bursts, sizes "
                                 f"{sizes[0]}..{sizes[-1]} bytes, 1-min load average {load:.2f} after.")
         out.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote calibrated preset to {args.out}", file=sys.stderr)
@@ -757,6 +785,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="batch size (presets only)")
     p.add_argument("--seq", type=int, help="sequence length (presets only)")
     p.add_argument("--time-limit", type=float, help="solver time limit per plan, seconds")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer whose state counts in memory")
+    p.add_argument("--pin", action="append", metavar="PATTERN=PLACEMENT",
+                   help="fix the placement of matching parameters/nodes, e.g. 'blocks.*.fc1.weight=S(0)' "
+                        "(one placement per mesh axis, comma-separated); repeatable")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="show a plan as tables (or JSON, or an HTML report)", allow_abbrev=False)
@@ -787,15 +819,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, help="rendezvous port (default: a free port)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("profile", help="measure collectives and fit their links (op profiling: not implemented yet)",
-                       allow_abbrev=False)
+    p = sub.add_parser("profile", help="time a model's ops on this device (cached), or with --collectives "
+                       "measure collectives and fit their links", allow_abbrev=False)
     p.add_argument("--collectives", action="store_true", help="measure collectives on local gloo ranks and fit alpha-beta links")
-    p.add_argument("--hardware", default="local", help="base preset for --out (default: local)")
+    p.add_argument("--hardware", default="local", help="the preset of this machine; base preset for --out (default: local)")
+    p.add_argument("--model", default="tiny-gpt2", help="op profiling: the model whose ops to time (default: tiny-gpt2)")
+    p.add_argument("--mesh", default="tp=2", help="op profiling: the mesh whose local shapes to time (default: tp=2)")
+    p.add_argument("--mode", choices=["train", "infer"], default="train")
+    p.add_argument("--batch", type=int, help="op profiling: batch size (presets only)")
+    p.add_argument("--seq", type=int, help="op profiling: sequence length (presets only)")
+    p.add_argument("--refresh", action="store_true", help="op profiling: re-time everything, ignoring the cache")
     p.add_argument("--nproc", type=int, default=2, help="number of local ranks (default: 2)")
     p.add_argument("--out", help="write the calibrated preset JSON here")
-    p.add_argument("--max-bytes", type=int, help="largest size to measure (default: 64 MiB)")
-    p.add_argument("--repeats", type=int, default=7, help="timed calls per size and round (default: 7)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds per size; the lowest median is kept (default: 3)")
+    p.add_argument("--max-bytes", type=int, help="--collectives: largest size to measure (default: 128 MiB)")
+    p.add_argument("--repeats", type=int, help="op profiling: timed samples per op, the median is kept (default: 7); "
+                   "--collectives: timed bursts per size and round, one for calls over 10 ms (default: 3)")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="--collectives: interleaved rounds over all sizes; the fastest burst is kept (default: 10)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("validate", help="plan a model, run it on local ranks, compare predicted with measured",

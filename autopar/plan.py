@@ -10,6 +10,8 @@ keyed by mesh axis name), never Python objects, so:
   e.g. ``$.param_placements["fc1.weight"].tp``;
 * ``Plan.hash()`` is the sha256 of the canonical JSON, used to check that every rank got the same
   plan.
+
+Schema version 2 added ``optimizer``; a version 1 plan loads with the default, ``"adamw"``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import placements as _placements
+from .cost_models.memory import OPTIMIZERS
 from .errors import PlanError
 from .mesh import AXIS_ORDER
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 MODES = ("train", "infer")
 
@@ -43,7 +47,7 @@ class Plan:
     model: str  # model class name (informational)
     step_time_s: float  # predicted seconds per step
     peak_memory_bytes: int  # max over devices
-    memory: dict[str, int]  # per-device breakdown: params, grads, optimizer, activations
+    memory: dict[str, int]  # per device: parameters, gradients, optimizer, activations, transient
     time_breakdown: dict[str, float]  # compute_s, comm_fwd_s, comm_bwd_s, grad_sync_s, ...
     param_placements: dict[str, dict[str, str]]  # FQN -> {axis: "R" | "S(d)" | "P(sum)"}
     input_placements: list[dict[str, str]]  # one per flattened user input
@@ -52,6 +56,7 @@ class Plan:
     solver: dict  # name, status, objective_s, solve_time_s, ...
     warnings: list[str] = field(default_factory=list)
     explanations: dict[str, dict] = field(default_factory=dict)  # target -> chosen, alternatives, reason
+    optimizer: str = "adamw"  # whose state the memory counts (cost_models/memory.py)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -97,7 +102,7 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Any) -> "Plan":
         validate(data)
-        return cls(**data)
+        return cls(**{**data, "schema_version": SCHEMA_VERSION})
 
     def save(self, path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
@@ -332,14 +337,15 @@ def validate(data: Any) -> None:
     """Check a decoded plan document; raise PlanError at the JSON path of the first fault."""
     _expect(isinstance(data, dict), "$", "a JSON object", data)
     version = data.get("schema_version", "missing")
-    if not _is_int(version) or version != SCHEMA_VERSION:
-        raise PlanError(f"plan schema version {version}; this autopar reads version {SCHEMA_VERSION}", "$.schema_version")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise PlanError(f"plan schema version {version}; this autopar reads versions {READABLE_VERSIONS[0]} to "
+                        f"{SCHEMA_VERSION}", "$.schema_version")
 
     known = {f.name for f in fields(Plan)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PlanError(f"plan has unknown field(s) {unknown}; known fields are {sorted(known)}", _key("$", unknown[0]))
-    optional = {"warnings", "explanations", "schema_version"}
+    optional = {"warnings", "explanations", "schema_version", "optimizer"}
     for name in sorted(known - optional):
         _require(data, name, "$")
 
@@ -348,6 +354,8 @@ def validate(data: Any) -> None:
     for key in ("hardware", "graph_hash", "model"):
         _expect(_is_str(data[key]), f"$.{key}", "a string", data[key])
     _expect(data["mode"] in MODES, "$.mode", f"one of {list(MODES)}", data["mode"])
+    opt = data.get("optimizer", "adamw")
+    _expect(opt in tuple(OPTIMIZERS), "$.optimizer", f"one of {list(OPTIMIZERS)}", opt)
     _expect(_is_num(data["step_time_s"]), "$.step_time_s", "a number", data["step_time_s"])
     _expect(_is_int(data["peak_memory_bytes"]), "$.peak_memory_bytes", "an int", data["peak_memory_bytes"])
     _check_dict(data["memory"], "$.memory", _is_int, "an int (bytes)")

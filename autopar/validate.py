@@ -24,7 +24,7 @@ def _on_rank(rank, world, spec: dict) -> dict:
     torch.manual_seed(0)
     model, inputs = models.build(spec["model"], batch=spec["batch"], seq=spec["seq"], device="cpu")
     pm = compile_model(model, Mesh(spec["mesh"], hardware=spec["hardware"]), example_inputs=inputs, mode=spec["mode"])
-    opt = torch.optim.SGD(pm.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)  # what the plan prices
 
     def loss_of(out):
         return sum(t.float().pow(2).mean() for t in pytree.tree_leaves(out)
@@ -51,13 +51,86 @@ def _on_rank(rank, world, spec: dict) -> dict:
     slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank does
     return {"predicted_s": pm.plan.step_time_s, "measured_s": float(slowest), "breakdown": pm.plan.time_breakdown,
+            "classes": {"predicted": predicted_classes(pm.plan), "measured": _measured_classes(step, float(slowest))},
             "predicted_bytes": predicted_bytes(pm.plan), "measured_bytes": dict(counter.bytes),
             "plan": pm.plan.to_json()}
 
 
+CLASSES = ("matmul", "attention", "conv", "reduction", "pointwise", "view", "comm", "optimizer", "other")
+_BWD = {"mm": "matmul", "addmm": "matmul", "bmm": "matmul", "baddbmm": "matmul", "linear": "matmul",
+        "scaleddotproduct": "attention", "convolution": "conv", "nativelayernorm": "reduction",
+        "softmax": "reduction", "logsoftmax": "reduction", "sum": "reduction", "mean": "reduction",
+        "redistribute": "comm", "totorchtensor": "comm", "fromtorchtensor": "comm", "contiguousgrad": "comm",
+        "accumulategrad": "optimizer", "view": "view", "reshape": "view", "unsafeview": "view",
+        "permute": "view", "transpose": "view", "t": "view", "expand": "view", "unsqueeze": "view",
+        "squeeze": "view", "slice": "view", "select": "view", "split": "view", "unbind": "view", "alias": "view"}
+
+
+def _class_of_event(name: str) -> str | None:
+    """The cost class of a profiler event autopar labels or autograd names; None for others."""
+    if name.startswith("autopar::"):
+        return name.removeprefix("autopar::")
+    if name.startswith("Optimizer."):
+        return "optimizer"
+    prefix = "autograd::engine::evaluate_function: "
+    if not name.startswith(prefix):
+        return None
+    fn = name.removeprefix(prefix).split("::")[-1].lower().replace("_", "")
+    base = fn.split("backward")[0]
+    return _BWD.get(base, next((c for k, c in _BWD.items() if len(k) > 3 and base.startswith(k)), "pointwise"))
+
+
+def _measured_classes(step, step_s: float) -> dict:
+    """One step under torch.profiler with autopar's nodes labelled, summed per cost class and
+    scaled to ``step_s`` (the profiler slows the step); what no class claims is "other"."""
+    import torch
+
+    from .codegen import runtime
+
+    runtime.LABEL_OPS = True
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            step()
+            total = time.perf_counter() - t0
+    finally:
+        runtime.LABEL_OPS = False
+    out = dict.fromkeys(CLASSES, 0.0)
+    for ev in prof.events():
+        cls = _class_of_event(ev.name)
+        parent, nested = ev.cpu_parent, False
+        while parent is not None and not nested:  # count the outermost classified event only
+            nested = _class_of_event(parent.name) is not None
+            parent = parent.cpu_parent
+        if cls is not None and not nested:
+            out[cls] += ev.cpu_time_total * 1e-6
+    out["other"] = max(0.0, total - sum(out.values()))
+    return {k: v * step_s / total for k, v in out.items()}
+
+
+def predicted_classes(plan) -> dict:
+    """The plan's predicted step, split into the same classes (collectives: comm and optimizer)."""
+    from .cost_models.profile import op_class
+    from .passes.strategies import VIEW_OPS
+
+    out = dict.fromkeys(CLASSES, 0.0)
+    for n in plan.nodes:
+        if n["kind"] == "op":
+            out["view" if n["op"] in VIEW_OPS else op_class(n["op"])] += n["compute_s"]
+        elif n["kind"] == "param":
+            out["optimizer"] += n["compute_s"]
+    b = plan.time_breakdown
+    out["comm"] += b.get("comm_fwd_s", 0.0) + b.get("comm_bwd_s", 0.0)
+    out["optimizer"] += b.get("grad_sync_s", 0.0)  # gradient all-reduces run in the accumulate hooks
+    return out
+
+
 def validate(model: str, mesh: dict, *, hardware: str = "local", mode: str = "train", steps: int = 5,
-             batch: int | None = None, seq: int | None = None) -> dict:
-    """Plan and run ``model`` on local ranks; return predicted and measured time and bytes."""
+             batch: int | None = None, seq: int | None = None, profile: bool = True) -> dict:
+    """Plan and run ``model`` on local ranks; return predicted and measured time and bytes.
+
+    On the ``local`` preset the model's ops are profiled first (``autopar profile``; cached), so
+    the plan is costed with measured op times unless ``profile=False``."""
     from .errors import AutoparError
     from .launch import RankError, run_local
 
@@ -65,6 +138,10 @@ def validate(model: str, mesh: dict, *, hardware: str = "local", mode: str = "tr
     for n in mesh.values():
         world *= n
     spec = {"model": model, "mesh": mesh, "hardware": hardware, "mode": mode, "steps": steps, "batch": batch, "seq": seq}
+    if hardware == "local" and profile:  # cost the plan with this device's measured ops (cached)
+        from .profiler import profile_model
+
+        profile_model(model, mesh, mode=mode, batch=batch, seq=seq, verbose=False)
     try:
         return run_local(_on_rank, world, spec)[0]
     except RankError as exc:
@@ -77,7 +154,14 @@ def report(res: dict) -> str:
     lines = [f"step time   predicted {p * 1e3:10.3f} ms   measured {m * 1e3:10.3f} ms   "
              f"error {(p - m) / m:+.1%}", "", "predicted breakdown: " +
              ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in res["breakdown"].items()), "",
-             f"{'collective':<15} {'predicted bytes':>16} {'measured bytes':>16}"]
+             f"{'op class':<15} {'predicted ms':>13} {'measured ms':>12}"]
+    for cls in CLASSES:
+        a, b = res["classes"]["predicted"][cls], res["classes"]["measured"][cls]
+        if a or b:
+            lines.append(f"{cls:<15} {a * 1e3:>13.3f} {b * 1e3:>12.3f}")
+    lines += ["(measured per class: one step under torch.profiler, scaled to the measured step; comm includes "
+              "waiting for the other ranks; optimizer includes gradient accumulation, sync hooks and the AdamW step)",
+              "", f"{'collective':<15} {'predicted bytes':>16} {'measured bytes':>16}"]
     ops = sorted(set(res["predicted_bytes"]) | set(res["measured_bytes"]))
     for op in ops:
         a, b = res["predicted_bytes"].get(op, 0), res["measured_bytes"].get(op, 0)

@@ -172,15 +172,16 @@ def test_bad_plan_file_is_a_clean_error(capsys, tmp_path):
     path.write_text(json.dumps(data))
     code, out, err = run_cli(capsys, "inspect", path)
     assert code == 1 and out == ""
-    assert err.strip() == "autopar: error: plan schema version 7; this autopar reads version 1 (at $.schema_version)"
+    assert err.strip() == "autopar: error: plan schema version 7; this autopar reads versions 1 to 2 (at $.schema_version)"
     code, _, err = run_cli(capsys, "inspect", tmp_path / "missing.json")
     assert code == 1 and "does not exist" in err
 
 
-def test_op_profiling_is_not_implemented_yet(capsys):
-    code, _, err = run_cli(capsys, "profile", "--anything")
+def test_profile_rejects_unknown_flags_and_bad_repeats(capsys):
+    code, _, _ = run_cli(capsys, "profile", "--anything")
     assert code == 2
-    assert "not implemented yet: tracked in issue 3 (cost model calibration)" in err
+    code, _, err = run_cli(capsys, "profile", "--repeats", "0")
+    assert code == 1 and "--repeats must be a positive int" in err
 
 
 def test_usage_error_returns_2(capsys):

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-BUDGET = 6000  # lines of Python in autopar/, blank lines and comments included
+BUDGET = 7500  # lines of Python in autopar/, blank lines and comments included (6000 until issue 3 added
+# profiled ops, segmented collective fits and the memory model)
 
 
 def test_core_fits_its_line_budget():

@@ -84,7 +84,26 @@ class Executor(fx.Interpreter):
 
     def run_node(self, n):
         self.current_meta = n.meta.get("val")
+        if LABEL_OPS and n.op == "call_function":  # autopar validate: time each op class
+            with torch.profiler.record_function(f"autopar::{node_class(n)}"):
+                return super().run_node(n)
         return super().run_node(n)
+
+
+LABEL_OPS = False  # set by autopar validate: label each node's work in torch.profiler traces
+
+
+def node_class(n: fx.Node) -> str:
+    """Cost class of a lowered node: comm for redistributions, else its op's class (or view)."""
+    from ..cost_models.profile import op_class
+    from ..passes.strategies import VIEW_OPS
+
+    if n.target in (L.redistribute, L.from_full, L.to_full):
+        return "comm"
+    target = n.args[0] if n.target is L.local_call else n.target
+    if n.target is L.check or str(target) in VIEW_OPS or str(target) == "aten.reshape.default":
+        return "view"
+    return op_class(str(target))
 
 
 class _ContiguousGrad(torch.autograd.Function):

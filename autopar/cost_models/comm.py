@@ -23,6 +23,9 @@ across nodes, all-gather in the node)::
 
 and the one-pass collectives (all-gather, reduce-scatter) take half of each term. An all-to-all
 sends (g−1)/n of a rank's buffer inside the node and (n−g)/n across, over its own NIC.
+
+A calibrated preset may give a collective a :class:`SegmentedLink` (α and bw per size regime):
+the link of the regime that holds the message's bytes, counted as in the table, prices it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from autopar.cost_models.hardware import Hardware, Link
+from autopar.cost_models.hardware import Hardware, Link, SegmentedLink
 from autopar.placements import REPLICATE, Placement, local_shape, parse
 
 # op -> (latency steps per (n−1), bandwidth factor per (n−1)/n); send_recv is special-cased.
@@ -55,28 +58,33 @@ def axis_links(axes: dict[str, int], hw: Hardware) -> dict[str, Link | Hierarchi
     Axis a of size n with stride s (the product of the sizes of the axes inner to it) groups ranks
     r, r+s, ..., r+(n−1)s. With D devices per node: if n·s <= D the group is inside a node
     (``hw.intra_node``); if s >= D every member is on another node (``hw.inter_node``); otherwise
-    g = D / s members share each node and the axis is hierarchical.
+    g = D / s members share each node and the axis is hierarchical. The groups of an axis run at
+    once, so one through a node with a slower NIC (``inter_node_overrides``) sets the axis's time:
+    the inter-node link is :meth:`Hardware.inter_link` over the nodes the mesh spans.
     """
-    links, stride = {}, 1
+    links, stride, d = {}, 1, hw.devices_per_node
+    inter = hw.inter_link(range(-(-math.prod(axes.values()) // d)))
     for name in reversed(list(axes)):
-        n, d = axes[name], hw.devices_per_node
+        n = axes[name]
         if n * stride <= d:
             links[name] = hw.intra_node
         elif stride >= d:
-            links[name] = hw.inter_node
+            links[name] = inter
         else:
             g = max(1, d // stride)
-            links[name] = HierarchicalLink(hw.intra_node, hw.inter_node, g) if n % g == 0 and g > 1 else hw.inter_node
+            links[name] = HierarchicalLink(hw.intra_node, inter, g) if n % g == 0 and g > 1 else inter
         stride *= n
     return {name: links[name] for name in axes}
 
 
-def collective_time(op: str, nbytes: float, n: int, link: Link | HierarchicalLink) -> float:
+def collective_time(op: str, nbytes: float, n: int, link: Link | HierarchicalLink | SegmentedLink) -> float:
     """Seconds for collective ``op`` of ``nbytes`` among ``n`` ranks on ``link`` (see module table)."""
     if op not in COLLECTIVE_OPS:
         raise ValueError(f"unknown collective {op!r}; expected one of {sorted(COLLECTIVE_OPS)}")
     if n <= 1:
         return 0.0
+    if isinstance(link, SegmentedLink):
+        link = link.at(nbytes)
     if isinstance(link, HierarchicalLink):
         return _hierarchical_time(op, nbytes, n, link)
     if op == "send_recv":
@@ -156,7 +164,7 @@ def price_steps(steps, src, shape, itemsize, axes, links, a2a_as_all_gather: boo
     On each step's axis a, B is the local byte size with a itself unsharded and every other axis
     at its current placement (updated step by step), and the collective is chosen as in
     :func:`redistribute_collectives`. ``axes`` and ``links`` are tuples in mesh order; a link may
-    be a dict of collective -> Link (a preset calibrated per collective). With
+    be a dict of collective -> Link or SegmentedLink (a preset calibrated per collective). With
     ``a2a_as_all_gather`` (gloo has no all-to-all) S(d)->S(e) is an all-gather of B.
     The cost model passes DTensor's own steps, so it prices what actually runs.
     """

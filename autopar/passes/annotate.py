@@ -10,7 +10,7 @@ Costs, all in seconds per training (or inference) step, from one hardware preset
   ``c_v[j] = f · max(flops_local / peak, bytes_local / mem_bw)`` with ``f = 1 + bwd/fwd`` in
   training, the ratio of backward to forward FLOPs that the joint graph measured for v's source
   op (``passes/joint.py``; 3 when unknown), and 1 for inference; a trainable parameter also pays
-  its AdamW update, which is memory bound on its local shard;
+  its optimizer's update (``memory.update_cost``), memory bound on its local shard;
 * edge u→v, pair (i, j): the forward redistribution from u's output placement to v's required
   input placement, plus in training the backward redistribution of the gradient that flows back
   along the edge. Per axis the gradient v sends back is ``R`` if v took the input as ``P``, ``P``
@@ -21,14 +21,26 @@ Costs, all in seconds per training (or inference) step, from one hardware preset
   reduced once, so each edge pays 1/k of that backward collective. A forward redistribution is
   charged to every edge that needs it (an upper bound: consumers that want the same placement
   share one in the lowered program);
-* memory m_v[j]: bytes per device that stay live at the training peak (the start of the
-  backward pass): parameters with their gradient and two AdamW moments, plus the activations
-  the joint graph saves for backward (each op's output, scaled by the share of its source op's
-  outputs that backward reads). In inference only parameters count in the constraint.
+* memory m_v[j], bytes per device live at the training peak (``cost_models/memory.py``). A
+  parameter: ``w + g + o`` (its shard, its gradient, the optimizer's state of the shard). An op:
+  the activations autograd saves for it (``memory.saved_by``), each at the placement it is read::
+
+      m_v[j] = Σ_{k ∈ S_in(v)} b(x_k, ins_j[k]) · ρ_k / n(r_k) + Σ_{k ∈ S_out(v)} b(y_k, outs_j[k]) / n(v,k)
+               + ε_v · b(y_0, outs_j[0])
+
+  with b(t, p) the bytes of t's local shard under placement p; r_k the tensor whose storage the
+  input x_k views (through view ops), ρ_k = |r_k| / |x_k| (a saved split of a fused qkv keeps all
+  of it), n(r) the number of saved reads of r across the graph (so a tensor several ops save
+  counts once when they read it alike), ε_v the op's other saved bytes per output byte (sdpa's
+  logsumexp). A saved read of a parameter or buffer costs 0: the solver assumes it is read in its
+  own placement. The plan's breakdown (``build_plan._memory``) recounts the chosen strategies
+  exactly, one storage per (tensor, placement), redistributed copies of parameters included.
+  In inference only parameters count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -40,14 +52,14 @@ import torch.fx as fx
 from ..cost_models.comm import axis_links, price_steps
 from ..cost_models.compute import compute_time, op_bytes, op_flops
 from ..cost_models.hardware import Hardware
+from ..cost_models.memory import saved_by, state_bytes, update_cost
+from ..cost_models.profile import op_call, op_class
 from ..placements import REPLICATE, Placement, local_shape
 from ..solvers.intra_op import ShardingProblem
-from .strategies import (SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, op_name, outputs_meta,
+from .strategies import (OWN_RULES, SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, op_name, outputs_meta,
                          redistribute_steps, tensor_candidates, tensor_inputs)
 from .joint import source_of
 from .trace import TracedGraph
-
-ADAMW_BYTES_PER_ELEMENT = 7  # AdamW touches p, g, m, v (read) and p, m, v (write): 7 tensors
 
 
 @dataclass
@@ -77,6 +89,8 @@ class Annotated:
     edge_cost: list[np.ndarray]
     ctx: "CostContext" = None  # the cost queries behind edge_cost, reused to itemise the chosen plan
     warnings: list[str] = field(default_factory=list)
+    optimizer: str = "adamw"
+    saves: list[list[tuple]] = field(default_factory=list)  # per node: what it saves (_saved_charges)
 
     def problem(self, memory_limit: float | None) -> ShardingProblem:
         return ShardingProblem(
@@ -93,8 +107,12 @@ class CostContext:
     Backends without all-to-all (gloo) run it as an all-gather, and are priced so.
     """
 
-    def __init__(self, axes: dict[str, int], hw: Hardware):
+    def __init__(self, axes: dict[str, int], hw: Hardware, profile=None, collect: bool = False):
         self.axes = axes
+        # measured op times of this device (cost_models/profile.py), and the calls to time if collecting
+        self.profile = profile
+        self.collect = collect
+        self.wanted: dict[str, dict] = {}
         self.names = tuple(axes)
         self.axis_sizes = tuple(axes.values())
         self.hw = hw
@@ -118,7 +136,13 @@ class CostContext:
 
     def _price(self, src, dst, shape, itemsize):
         steps = tuple((dim, a, b) for dim, a, b, _ in redistribute_steps(self.axes, src, dst, shape, itemsize))
-        return price_steps(steps, src, shape, itemsize, tuple(self.axes.items()), self._op_links, self.a2a_as_all_gather)
+        priced = price_steps(steps, src, shape, itemsize, tuple(self.axes.items()), self._op_links, self.a2a_as_all_gather)
+        ovh = self.overhead("collective_s")  # the runtime's own cost of issuing one (DTensor redistribute)
+        return tuple(dataclasses.replace(c, time_s=c.time_s + ovh) for c in priced) if ovh else priced
+
+    def overhead(self, what: str) -> float:
+        """The runtime's own seconds per op or parameter (``op_fwd_s``, ``op_train_s``, ``param_s``)."""
+        return float(self.profile.overhead.get(what, 0.0)) if self.profile is not None else 0.0
 
     def time(self, src, dst, shape, itemsize) -> float:
         return sum(c.time_s for c in self.collectives(src, dst, shape, itemsize))
@@ -144,10 +168,17 @@ def _is_float(t) -> bool:
 
 
 def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
-             trainable: set[str] | None = None, joint: dict | None = None) -> Annotated:
-    """Enumerate strategies for every decision node and cost every node and edge."""
+             trainable: set[str] | None = None, joint: dict | None = None, profile=None,
+             collect: bool = False, pins: dict | None = None, optimizer: str = "adamw") -> Annotated:
+    """Enumerate strategies for every decision node and cost every node and edge.
+
+    ``pins`` ({pattern: placement}) fixes the placement of the parameters (by FQN) and graph
+    nodes (by name) that match the fnmatch pattern (see ``_apply_pins``).
+    ``profile`` (an OpProfile) supplies measured op times; ``collect`` records in ``ctx.wanted``
+    every local op call the costs asked for, for the profiler to time.
+    """
     enum = StrategyEnumerator(axes)
-    ctx = CostContext(axes, hw)
+    ctx = CostContext(axes, hw, profile, collect)
     train = mode == "train"
     nodes: list[fx.Node] = []
     kind: list[str] = []
@@ -207,18 +238,27 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
             val = a.meta["val"]
             edges.append(Edge(p, o, v, k_in, tuple(val.shape), val.element_size(), train and needs_grad.get(a, False)))
 
+    if pins:
+        _apply_pins(pins, tg, axes, nodes, kind, strategies)
     node_cost, node_mem = [], []
     joint = joint or {}
     for v, node in enumerate(nodes):
         src = joint.get(source_of(node)) if kind[v] == "op" else None
         bwd = src.backward_ratio if src is not None else None
-        kept = src.saved_fraction if src is not None else None
-        # without the joint graph: backward does twice the forward's work and keeps every output
-        mult = (1.0 + (2.0 if bwd is None else bwd)) if train and needs_grad.get(node, False) else 1.0
-        node_cost.append(np.array([mult * _node_time(node, kind[v], s, ctx, train, needs_grad.get(node, False))
-                                   for s in strategies[v]]))
-        node_mem.append(np.array([_node_memory(node, kind[v], s, ctx, train, needs_grad.get(node, False))
-                                  * (1.0 if kept is None or kind[v] != "op" else kept) for s in strategies[v]], dtype=float))
+        # without the joint graph: backward does twice the forward's work
+        grads = needs_grad.get(node, False)
+        mult = (1.0 + (2.0 if bwd is None else bwd)) if train and grads else 1.0
+        if kind[v] == "op":
+            mask = tuple(train and needs_grad.get(a, False) for a in tensor_inputs(node))
+            node_cost.append(np.array([_op_time(node, s, ctx, train and grads, mask, mult) for s in strategies[v]]))
+        else:
+            extra = ctx.overhead("param_s") if kind[v] == "param" and train and grads else 0.0
+            node_cost.append(np.array([mult * _node_time(node, kind[v], s, ctx, train, grads, optimizer) + extra
+                                       for s in strategies[v]]))
+    grad_of = [bool(needs_grad.get(n, False)) for n in nodes]
+    saves = _saved_charges(nodes, kind, edges, grad_of, train)
+    node_mem = [np.array([_node_memory(node, kind[v], s, ctx, train, grad_of[v], saves[v], optimizer)
+                          for s in strategies[v]], dtype=float) for v, node in enumerate(nodes)]
 
     # A gradient that several consumers send back to one tensor is summed locally and reduced
     # once, so each of those edges pays an equal share of the backward collective.
@@ -247,45 +287,169 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
         edge_cost.append(m)
 
     return Annotated(tg, axes, mode, nodes, kind, strategies, edges, node_cost, node_mem, edge_cost,
-                     ctx=ctx, warnings=list(enum.warnings))
+                     ctx=ctx, warnings=list(enum.warnings), optimizer=optimizer, saves=saves)
+
+
+def _apply_pins(pins: dict, tg: TracedGraph, axes: dict, nodes, kind, strategies) -> None:
+    """Keep only the strategies whose output placement matches a pin.
+
+    A pin maps an fnmatch pattern over parameter FQNs and graph node names to a placement: one
+    string per mesh axis ("S(0)" on a 1-D mesh, "R,S(0)" on two axes) or a dict {axis:
+    placement} that leaves the other axes free. The first matching pattern wins.
+    """
+    import fnmatch
+
+    from ..errors import AutoparError
+    from ..placements import parse
+
+    want = {}
+    for pattern, spec in pins.items():
+        try:
+            if isinstance(spec, str):
+                parts = _split_placements(spec)
+                if len(parts) != len(axes):
+                    raise ValueError(f"{len(parts)} placement(s) for a mesh of {len(axes)} axes {list(axes)}")
+                spec = dict(zip(axes, parts))
+            bad = set(spec) - set(axes)
+            if bad:
+                raise ValueError(f"unknown mesh axis {sorted(bad)}; the mesh has {list(axes)}")
+            want[pattern] = {list(axes).index(a): parse(p) for a, p in spec.items()}
+        except (ValueError, AttributeError) as e:
+            raise AutoparError(f"pin {pattern!r}: {e}") from None
+    used = set()
+    for v, node in enumerate(nodes):
+        if kind[v] not in ("param", "op"):
+            continue
+        names = [node.name] + ([tg.params[node.name]] if kind[v] == "param" else [])
+        hit = next((p for p in want if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+        if hit is None:
+            continue
+        used.add(hit)
+        keep = [s for s in strategies[v] if s.outs and s.outs[0] is not None
+                and all(s.outs[0][a] == pl for a, pl in want[hit].items())]
+        if not keep:
+            have = sorted({",".join(map(str, s.outs[0])) for s in strategies[v] if s.outs and s.outs[0] is not None})
+            raise AutoparError(f"pin {hit!r} asks {names[-1]} for {pins[hit]!r}, which no strategy gives "
+                               f"on mesh {axes} (a sharded dim must divide evenly); it can be: {'; '.join(have)}")
+        strategies[v] = keep
+    unused = [p for p in want if p not in used]
+    if unused:
+        raise AutoparError(f"pins {unused} match no parameter FQN or graph node name; parameters are named "
+                           f"like {sorted(tg.params.values())[:3]}")
+
+
+def _split_placements(text: str) -> list[str]:
+    """"R,S(0)" -> ["R", "S(0)"] (commas inside parentheses do not split)."""
+    out, depth, cur = [], 0, ""
+    for ch in text.replace(" ", ""):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur] if cur else out
 
 
 def local_shapes(metas, pls, axis_sizes):
     return [None if t is None else local_shape(tuple(t.shape), pl or (), axis_sizes) for t, pl in zip(metas, pls)]
 
 
-def _node_time(node, kind, s: Strategy, ctx: CostContext, train: bool, needs_grad: bool) -> float:
+def _node_time(node, kind, s: Strategy, ctx: CostContext, train: bool, needs_grad: bool,
+               optimizer: str = "adamw") -> float:
     if kind == "param":
         if not train or not needs_grad:
             return 0.0
         val = node.meta["val"]
         n = math.prod(local_shape(tuple(val.shape), s.outs[0], ctx.axis_sizes))
-        return compute_time(10.0 * n, ADAMW_BYTES_PER_ELEMENT * 4.0 * n, "float32", ctx.hw)
-    if kind != "op":
-        return 0.0
+        return compute_time(*update_cost(n, val.element_size(), optimizer), "float32", ctx.hw)  # memory bound
+    return 0.0
+
+
+def _op_time(node, s: Strategy, ctx: CostContext, train: bool, grad_mask: tuple, mult: float) -> float:
+    """Seconds of one op on its local shards: profiled if measured, else the (fitted) roofline;
+    plus the runtime's per-op overhead (module docstring of cost_models/profile.py)."""
     name = op_name(node)
-    if name in VIEW_OPS:
-        return 0.0
+    ovh = ctx.overhead("op_train_s" if train else "op_fwd_s")
+    if name in VIEW_OPS:  # no work, but the runtime still dispatches it
+        call = op_call(node, [], grad_mask, True) if ctx.profile is not None or ctx.collect else None
+        if call is None:
+            return ovh
+        if ctx.collect:
+            ctx.wanted[call[0]] = {"recipe": call[1], "class": "view", "roofline_s": 0.0}
+        t = ctx.profile.time(call[0], train) if ctx.profile is not None else None
+        return ovh + (t or 0.0)
     ins = [a.meta["val"] for a in tensor_inputs(node)]
     outs = outputs_meta(node)
     in_shapes = local_shapes(ins, s.ins, ctx.axis_sizes)
-    out_shapes = local_shapes(outs, s.outs, ctx.axis_sizes)
+    out_shapes = [o for o in local_shapes(outs, s.outs, ctx.axis_sizes) if o is not None]
     ref = next((t for t in outs if t is not None), ins[0] if ins else None)
     itemsize = ref.element_size() if ref is not None else 4
     dtype = str(ref.dtype) if ref is not None else "torch.float32"
-    return compute_time(op_flops(name, in_shapes, [o for o in out_shapes if o is not None]),
-                        op_bytes(name, in_shapes, [o for o in out_shapes if o is not None], itemsize), dtype, ctx.hw)
+    roof = compute_time(op_flops(name, in_shapes, out_shapes), op_bytes(name, in_shapes, out_shapes, itemsize),
+                        dtype, ctx.hw)
+    if ctx.profile is None and not ctx.collect:
+        return mult * roof
+    cls = op_class(name)
+    call = op_call(node, in_shapes, grad_mask, s.source == "dtensor" and name not in OWN_RULES)
+    if call is not None:
+        key, recipe = call
+        if ctx.collect:
+            ctx.wanted[key] = {"recipe": recipe, "class": cls, "roofline_s": roof}
+        t = ctx.profile.time(key, train) if ctx.profile is not None else None
+        if t is not None:
+            return t + ovh
+    est = ctx.profile.estimate(cls, roof, mult) if ctx.profile is not None else None
+    return (mult * roof if est is None else est) + ovh
 
 
-def _node_memory(node, kind, s: Strategy, ctx: CostContext, train: bool, needs_grad: bool) -> float:
+def _node_memory(node, kind, s: Strategy, ctx: CostContext, train: bool, needs_grad: bool,
+                 saves=(), optimizer: str = "adamw") -> float:
+    """m_v[j]: model state for a placeholder, the activations it saves for an op (module docstring)."""
     if kind in ("param", "buffer"):
         val = node.meta["val"]
-        b = math.prod(local_shape(tuple(val.shape), s.outs[0], ctx.axis_sizes)) * val.element_size()
+        n = math.prod(local_shape(tuple(val.shape), s.outs[0], ctx.axis_sizes))
         if kind == "param" and train and needs_grad:
-            return b * 2 + 2 * b * (4 / val.element_size())  # weight + grad + two fp32 AdamW moments
-        return b
-    if kind == "op" and train and needs_grad and op_name(node) not in VIEW_OPS:
-        return float(sum(math.prod(sh) * t.element_size()
-                         for t, sh in zip(outputs_meta(node), local_shapes(outputs_meta(node), s.outs, ctx.axis_sizes))
-                         if t is not None))
-    return 0.0
+            return 2.0 * n * val.element_size() + state_bytes(n, optimizer)  # weight, gradient, state
+        return float(n * val.element_size())
+    return float(sum(scale * itemsize * math.prod(local_shape(shape, (s.ins if w == "in" else s.outs)[k], ctx.axis_sizes))
+                     for w, k, shape, itemsize, scale, _ in saves))
+
+
+def _saved_charges(nodes, kind, edges, grads, train) -> list[list[tuple]]:
+    """Per node, what autograd saves of it: ``(what, k, shape, itemsize, scale, edge)`` with what
+    "in" (tensor input k, through ``edge``), "out" (output k) or "extra" (an internal tensor, as a
+    multiple of output k=0). ``scale`` is ρ/n(r) (module docstring), 0 for a read of model state."""
+    into = {(e.dst, e.dst_in): i for i, e in enumerate(edges)}
+
+    def root(u, o):  # the tensor whose storage (u, o) views
+        while kind[u] == "op" and op_name(nodes[u]) in VIEW_OPS and (u, 0) in into:
+            e = edges[into[u, 0]]
+            u, o = e.src, e.src_out
+        return u, o
+
+    def numel(u, o):
+        val = outputs_meta(nodes[u])[o] if kind[u] == "op" else nodes[u].meta["val"]
+        return max(val.numel(), 1)
+
+    charges: list[list] = [[] for _ in nodes]
+    readers: dict[tuple, int] = {}
+    for v, node in enumerate(nodes):
+        if not (train and grads[v] and kind[v] == "op" and op_name(node) not in VIEW_OPS):
+            continue
+        saved = saved_by(node, [grads[edges[into[v, k]].src] for k in range(len(tensor_inputs(node)))])
+        for k in saved.ins:
+            e = edges[into[v, k]]
+            r = root(e.src, e.src_out)
+            rho = 0.0 if kind[r[0]] in ("param", "buffer") else numel(*r) / max(math.prod(e.shape), 1)
+            charges[v].append(["in", k, e.shape, e.itemsize, rho, into[v, k], r])
+        outs = outputs_meta(node)
+        for k in saved.outs:
+            charges[v].append(["out", k, tuple(outs[k].shape), outs[k].element_size(), 1.0, None, (v, k)])
+        if saved.extra and outs[0] is not None:
+            charges[v].append(["extra", 0, tuple(outs[0].shape), outs[0].element_size(), saved.extra, None, None])
+        for c in charges[v]:
+            readers[c[6]] = readers.get(c[6], 0) + 1
+    return [[(w, k, sh, it, sc / (readers[r] if r is not None else 1), e) for w, k, sh, it, sc, e, r in cs]
+            for cs in charges]

@@ -7,8 +7,9 @@ import math
 
 import numpy as np
 
+from ..placements import local_shape
 from .annotate import Annotated, grad_placements
-from .strategies import VIEW_OPS, op_name
+from .strategies import VIEW_OPS, op_name, outputs_meta, redistribute_steps
 
 
 def _pl_dict(axes, pl) -> dict | None:
@@ -35,7 +36,6 @@ def build_plan(an: Annotated, solution, hardware: str):
 
     axes = list(an.axes)
     chosen = [an.strategies[v][c] for v, c in enumerate(choice)]
-    train = an.mode == "train"
 
     nodes = []
     param_placements: dict[str, dict[str, str]] = {}
@@ -52,7 +52,6 @@ def build_plan(an: Annotated, solution, hardware: str):
             "inputs": [_pl_dict(axes, i) for i in s.ins],
             "source": s.source,
             "compute_s": float(an.node_cost[v][choice[v]]),
-            "memory_bytes": int(an.node_mem[v][choice[v]]),
         }
         if hasattr(val, "shape"):
             entry["shape"] = list(val.shape)
@@ -106,23 +105,7 @@ def build_plan(an: Annotated, solution, hardware: str):
                     comm_bwd += c.time_s
 
     compute = float(sum(an.node_cost[v][c] for v, c in enumerate(choice)))
-    mem = {"params": 0, "grads": 0, "optimizer": 0, "activations": 0}
-    for v, node in enumerate(an.nodes):
-        b = int(an.node_mem[v][choice[v]])
-        if an.kind[v] == "param":
-            val = node.meta["val"]
-            if train and b:
-                # node memory = weight + grad + 2 fp32 moments; split it back for the report
-                unit = b / (2 + 2 * 4 / val.element_size())
-                mem["params"] += int(unit)
-                mem["grads"] += int(unit)
-                mem["optimizer"] += int(b - 2 * unit)
-            else:
-                mem["params"] += b
-        elif an.kind[v] == "buffer":
-            mem["params"] += b
-        else:
-            mem["activations"] += b
+    mem, node_bytes = _memory(an, chosen, choice)
     peak = sum(mem.values())
 
     explanations = {}
@@ -141,6 +124,8 @@ def build_plan(an: Annotated, solution, hardware: str):
                       "to its consumers) with every other choice held fixed",
         }
 
+    for entry, b in zip(nodes, node_bytes):
+        entry["memory_bytes"] = int(b)
     return Plan(
         mesh=dict(an.axes), hardware=hardware, mode=an.mode, graph_hash=an.tg.graph_hash, model=an.tg.model_name,
         step_time_s=float(compute + comm_fwd + comm_bwd + grad_sync),
@@ -151,7 +136,72 @@ def build_plan(an: Annotated, solution, hardware: str):
         solver={"name": solution.stats.get("solver", "cp-sat"), "status": solution.status,
                 "objective_s": float(solution.objective), "solve_time_s": float(solution.solve_time_s),
                 **{k: v for k, v in solution.stats.items() if isinstance(v, (int, float, str))}},
-        warnings=list(an.warnings), explanations=explanations)
+        warnings=list(an.warnings), explanations=explanations, optimizer=an.optimizer)
+
+
+def _memory(an: Annotated, chosen, choice) -> tuple[dict, list[float]]:
+    """The memory breakdown per device (``cost_models/memory.py``; buffers count as parameters)
+    for the chosen strategies, and each node's share of it.
+
+    Unlike the solver's node-local m_v, activations are counted as the lowered program holds
+    them: one storage per (tensor, placement). A saved read that a redistribution feeds is its own
+    copy (shared by the consumers that want that placement, as ``lower`` shares it); a saved read
+    of a view is the storage it views; a saved parameter read in its own placement is the
+    parameter. On a backend without all-to-all (gloo) the last step S(d)->S(e) of a redistribution
+    is an all-gather and a chunk, a view that keeps the gathered buffer when every dim before e
+    has size 1 (``_gathered``). Transient T is the largest working set of one op, its inputs and
+    outputs at once: in backward, the gradients it holds together (they have the same shapes).
+    """
+    sizes = an.ctx.axis_sizes
+    into = {(e.dst, e.dst_in): e for e in an.edges}
+
+    def nbytes(shape, itemsize, pl):
+        return float(itemsize * math.prod(local_shape(tuple(shape), pl, sizes)))
+
+    def out_meta(u, o):
+        return outputs_meta(an.nodes[u])[o] if an.kind[u] == "op" else an.nodes[u].meta["val"]
+
+    def storage(e, pl):  # (key, bytes) of the storage a read of edge e in placement pl lands in
+        while True:
+            u, o = e.src, e.src_out
+            have = chosen[u].outs[o]
+            if have != pl:  # a redistribution's output
+                return (u, o, pl), nbytes(e.shape, e.itemsize, pl) * _gathered(an.ctx, have, pl, e.shape)
+            if an.kind[u] in ("param", "buffer"):
+                return None, 0.0
+            if an.kind[u] != "op" or op_name(an.nodes[u]) not in VIEW_OPS or (u, 0) not in into:
+                val = out_meta(u, o)
+                return (u, o, have), nbytes(val.shape, val.element_size(), have)
+            e, pl = into[u, 0], chosen[u].ins[0]
+
+    mem = dict.fromkeys(("parameters", "gradients", "optimizer", "activations", "transient"), 0.0)
+    node_bytes, seen = [], set()
+    for v, node in enumerate(an.nodes):
+        s, b = chosen[v], 0.0
+        if an.kind[v] in ("param", "buffer"):
+            val = node.meta["val"]
+            w = nbytes(val.shape, val.element_size(), s.outs[0])
+            b = float(an.node_mem[v][choice[v]])
+            mem["parameters"] += w
+            if b > w:
+                mem["gradients"] += w
+                mem["optimizer"] += b - 2 * w
+        for what, k, shape, itemsize, scale, e in an.saves[v] if an.saves else ():
+            if what == "in":
+                key, x = storage(an.edges[e], s.ins[k])
+            else:  # "out" is the storage v's readers share; "extra" is v's own
+                key = (v, k, s.outs[k]) if what == "out" else (v, what)
+                x = (scale if what == "extra" else 1.0) * nbytes(shape, itemsize, s.outs[k])
+            if key is not None and key not in seen:
+                seen.add(key)
+                mem["activations"] += x
+                b += x
+        if an.kind[v] == "op" and op_name(node) not in VIEW_OPS:
+            ins = [(into[v, k].shape, into[v, k].itemsize, pl) for k, pl in enumerate(s.ins) if (v, k) in into]
+            outs = [(t.shape, t.element_size(), pl) for t, pl in zip(outputs_meta(node), s.outs) if t is not None]
+            mem["transient"] = max(mem["transient"], sum(nbytes(*x) for x in ins + outs))
+        node_bytes.append(b)
+    return {k: int(round(x)) for k, x in mem.items()}, node_bytes
 
 
 def _local_alternatives(an: Annotated, v: int, choice: list[int], edges_at_v) -> np.ndarray:
@@ -164,3 +214,13 @@ def _local_alternatives(an: Annotated, v: int, choice: list[int], edges_at_v) ->
         elif e.dst == v:
             total += m[choice[e.src], :]
     return total
+
+
+def _gathered(ctx, src, dst, shape) -> int:
+    """Size of a redistribution's output storage over its local size (see ``_memory``)."""
+    steps = redistribute_steps(ctx.axes, src, dst, shape, 4) if ctx.a2a_as_all_gather else ()
+    if steps and steps[-1][1].kind == steps[-1][2].kind == "S":
+        a, e = steps[-1][0], steps[-1][2].dim % len(shape)
+        if math.prod(local_shape(tuple(shape), dst, ctx.axis_sizes)[:e]) == 1:
+            return ctx.axis_sizes[a]
+    return 1

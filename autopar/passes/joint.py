@@ -5,13 +5,10 @@ traces the explicit joint graph (``torch.export`` then AOT autograd's
 ``aot_export_joint_with_descriptors``, the route in FACTS.md) and measures, for every source op
 of the model (a node of the exported graph before decomposition, e.g. ``linear_3``):
 
-* ``fwd_flops`` and ``bwd_flops``: the work of its forward nodes and of the backward nodes that
-  autograd made for it (matched by autograd's sequence number);
-* ``produced_bytes`` and ``saved_bytes``: what its forward nodes output, and how much of that the
-  backward pass reads (the activations that stay alive until backward).
-
-Annotation then charges a decomposed node ``1 + bwd_flops / fwd_flops`` times its forward time
-and ``saved_bytes / produced_bytes`` of its output as activation memory, instead of fixed guesses.
+``fwd_flops`` and ``bwd_flops``: the work of its forward nodes and of the backward nodes that
+autograd made for it (matched by autograd's sequence number). Annotation then charges a
+decomposed node ``1 + bwd_flops / fwd_flops`` times its forward time instead of a fixed guess
+(when the op's time is not profiled; see cost_models/profile.py).
 """
 
 from __future__ import annotations
@@ -30,16 +27,10 @@ from ..cost_models.compute import op_flops
 class SourceCost:
     fwd_flops: float = 0.0
     bwd_flops: float = 0.0
-    produced_bytes: float = 0.0
-    saved_bytes: float = 0.0
 
     @property
     def backward_ratio(self) -> float | None:
         return self.bwd_flops / self.fwd_flops if self.fwd_flops > 0 else None
-
-    @property
-    def saved_fraction(self) -> float | None:
-        return min(1.0, self.saved_bytes / self.produced_bytes) if self.produced_bytes > 0 else None
 
 
 def source_of(node: fx.Node) -> str | None:
@@ -71,13 +62,8 @@ def _shapes(vals) -> list:
     return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
 
 
-def _bytes(val) -> float:
-    vals = val if isinstance(val, (tuple, list)) else (val,)
-    return float(sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor)))
-
-
 def joint_costs(source_module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, SourceCost]:
-    """Per source op: forward and backward FLOPs, produced and saved bytes."""
+    """Per source op: forward and backward FLOPs."""
     from torch._functorch.aot_autograd import aot_export_joint_with_descriptors
 
     loss = _Loss(source_module)
@@ -101,9 +87,6 @@ def joint_costs(source_module: torch.nn.Module, args: tuple, kwargs: dict) -> di
                 seq_source.setdefault(node.meta.get("seq_nr"), src)
                 cost = out.setdefault(src, SourceCost())
                 cost.fwd_flops += flops
-                cost.produced_bytes += _bytes(val)
-                if any(u.meta.get("partitioner_tag") == "is_backward" for u in node.users):
-                    cost.saved_bytes += _bytes(val)
             elif tag == "is_backward":
                 src = seq_source.get(node.meta.get("seq_nr"))
                 if src is not None:

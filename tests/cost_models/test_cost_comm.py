@@ -1,5 +1,7 @@
 """α-β collectives, axis -> link mapping, and the redistribution planner."""
 
+import dataclasses
+
 import pytest
 
 from autopar.cost_models.comm import (
@@ -7,10 +9,11 @@ from autopar.cost_models.comm import (
     HierarchicalLink,
     axis_links,
     collective_time,
+    price_steps,
     redistribute_collectives,
     redistribute_time,
 )
-from autopar.cost_models.hardware import Link, load_hardware
+from autopar.cost_models.hardware import Link, SegmentedLink, load_hardware
 from autopar.placements import REPLICATE as R
 from autopar.placements import partial, shard
 
@@ -58,6 +61,20 @@ def test_single_rank_is_free_and_unknown_op_raises():
         collective_time("broadcast", 1e6, 4, LINK)
 
 
+def test_segmented_link_prices_each_size_on_its_regime():
+    small, large = Link(1e9, 1e-4), Link(5e9, 1e-3)
+    link = SegmentedLink(((64 << 10, small), (float("inf"), large)))
+    for op in ("all_reduce", "all_gather", "send_recv"):
+        assert collective_time(op, 64 << 10, 4, link) == collective_time(op, 64 << 10, 4, small)
+        assert collective_time(op, (64 << 10) + 1, 4, link) == collective_time(op, (64 << 10) + 1, 4, large)
+    # a per-collective dict of links (a calibrated preset) is priced per message size too
+    shape = lambda nbytes: (nbytes // 4,)  # noqa: E731
+    (c,) = price_steps(((0, P, R),), (P,), shape(4096), 4, (("tp", 4),), ({"all_reduce": link},))
+    assert c.time_s == collective_time("all_reduce", 4096, 4, small)
+    (c,) = price_steps(((0, P, R),), (P,), shape(1 << 20), 4, (("tp", 4),), ({"all_reduce": link},))
+    assert c.time_s == collective_time("all_reduce", 1 << 20, 4, large)
+
+
 # --- axis_links --------------------------------------------------------------------------------
 
 def test_axis_links_h100_dp_inter_tp_intra():
@@ -76,6 +93,21 @@ def test_axis_links_fill_a_node_from_the_inside():
     tp16 = axis_links({"tp": 16}, hw)["tp"]  # 8 per node on 2 nodes: hierarchical
     assert isinstance(tp16, HierarchicalLink) and tp16.per_node == 8 and tp16.inter == hw.inter_node
     assert axis_links({"dp": 2, "tp": 8}, hw)["dp"] == hw.inter_node  # stride 8: one rank per node
+
+
+def test_a_mesh_spanning_a_slow_node_is_priced_slower():
+    base = load_hardware("h100-sxm")
+    slow = Link(base.inter_node.bandwidth_Bps / 4, base.inter_node.latency_s)
+    hw = dataclasses.replace(base, inter_node_overrides=(((2, 3), slow),))  # nodes 2 and 3 have slower NICs
+    # dp=2 x tp=8 spans nodes 0, 1: unchanged; dp=4 x tp=8 spans node 2 and 3: every dp ring waits on them
+    assert axis_links({"dp": 2, "tp": 8}, hw) == axis_links({"dp": 2, "tp": 8}, base)
+    links = axis_links({"dp": 4, "tp": 8}, hw)
+    assert links["dp"] == slow and links["tp"] == base.intra_node
+    tp32 = axis_links({"tp": 32}, hw)["tp"]  # hierarchical: the across-node part runs on the slow NICs
+    assert isinstance(tp32, HierarchicalLink) and tp32.inter == slow and tp32.intra == base.intra_node
+    for axes in ({"dp": 4, "tp": 8}, {"tp": 32}):
+        args = ((P, R), (R, R), (1 << 20, 64), 4) if "dp" in axes else ((P,), (R,), (1 << 20, 64), 4)
+        assert redistribute_time(*args, axes, axis_links(axes, hw)) > 1.5 * redistribute_time(*args, axes, axis_links(axes, base))
 
 
 def test_hierarchical_all_reduce_by_hand():

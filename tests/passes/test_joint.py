@@ -1,4 +1,4 @@
-"""The joint forward+backward graph gives the backward work and the saved activations per op."""
+"""The joint forward+backward graph gives the backward work per op."""
 
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ from autopar.passes.trace import trace
 from models import MLP, build
 
 
-def test_linear_backward_is_twice_forward_and_relu_keeps_its_output():
+def test_linear_backward_is_twice_forward():
     model, inputs = MLP(), (torch.randn(8, 32),)
     tg = trace(model, inputs)
     costs = joint_costs(tg.source.module(), *tg.example)
     lin = costs["linear_1"]  # fc2: needs the gradient of its input and of its weight
     assert lin.fwd_flops == 2 * 8 * 64 * 64
     assert abs(lin.backward_ratio - 2.0) < 0.05, lin
-    relu = costs["relu"]
-    assert relu.fwd_flops > 0 and relu.saved_fraction == 1.0  # relu's backward reads its output
+    assert costs["relu"].fwd_flops > 0
     first = costs["linear"]  # fc1's input is the user input: its gradient is never computed
     assert first.backward_ratio < 1.5, first
 

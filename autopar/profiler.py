@@ -1,0 +1,93 @@
+"""``autopar profile --hardware local``: time a model's ops on this device and cache them.
+
+The planner asks the cost model for every (op, local shapes, dtype) that any strategy on the
+mesh would run; this driver collects exactly those calls (annotation with ``collect=True``),
+times the ones the cache lacks on one rank with one thread (as a local rank runs), measures the
+runtime's per-op and per-parameter overheads once, refits the per-class roofline efficiencies,
+and saves the cache (cost_models/profile.py says what is in it and how the planner uses it).
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def _on_rank(rank, world, spec: dict) -> dict:
+    from . import models
+    from .cost_models.hardware import load_hardware
+    from .cost_models.profile import load_profile, measure_overheads, new_profile, refit, time_recipe
+    from .passes.annotate import annotate
+    from .passes.trace import trace
+
+    say = print if spec["verbose"] else (lambda *a, **k: None)
+    prof = (None if spec["refresh"] else load_profile()) or new_profile()
+    model, inputs = models.build(spec["model"], batch=spec["batch"], seq=spec["seq"], device="cpu")
+    tg = trace(model, inputs, {})
+    an = annotate(tg, spec["mesh"], load_hardware("local"), spec["mode"], collect=True)
+    wanted = an.ctx.wanted
+    todo = [k for k in wanted if k not in prof.ops]
+    say(f"{len(wanted)} distinct op calls on {spec['mesh']}: {len(wanted) - len(todo)} cached, timing {len(todo)}",
+        flush=True)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))  # ops the runtime runs on DTensors are timed on DTensors
+    t0, timed = time.perf_counter(), 0
+    for i, key in enumerate(todo):
+        w = wanted[key]
+        try:
+            prof.ops[key] = {**time_recipe(w["recipe"], repeats=spec["repeats"], mesh=mesh), "op": w["recipe"]["op"],
+                             "class": w["class"], "roofline_s": w["roofline_s"]}
+            prof.failed.pop(key, None)
+            timed += 1
+        except Exception as exc:  # an op that cannot run on random inputs keeps its roofline estimate
+            prof.failed[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if (i + 1) % 25 == 0 or i + 1 == len(todo):
+            say(f"  timed {i + 1}/{len(todo)} ops in {time.perf_counter() - t0:.1f} s", flush=True)
+    if spec["refresh"] or "collective_s" not in prof.overhead:
+        say("measuring the runtime's per-op and per-parameter overheads on a 1-rank mesh ...", flush=True)
+        prof.overhead = measure_overheads(repeats=spec["repeats"])
+    refit(prof)
+    path = prof.save()
+    failed = [k for k in wanted if k in prof.failed]
+    rows = sorted(((wanted[k]["recipe"]["op"], wanted[k]["recipe"]["shapes"], prof.ops[k]["fwd_s"],
+                    prof.ops[k]["train_s"], wanted[k]["roofline_s"]) for k in wanted if k in prof.ops),
+                  key=lambda r: -r[3])
+    return {"path": str(path), "wanted": len(wanted), "timed": timed, "cached": len(wanted) - len(todo),
+            "failed": {k: prof.failed[k] for k in failed}, "overhead": prof.overhead,
+            "efficiency": prof.efficiency, "rows": rows, "device": prof.device, "torch": prof.torch}
+
+
+def profile_model(model: str, mesh: dict, *, mode: str = "train", batch: int | None = None, seq: int | None = None,
+                  repeats: int = 7, refresh: bool = False, verbose: bool = True) -> dict:
+    """Profile ``model``'s ops for ``mesh`` on this device (one spawned rank); return a summary."""
+    from .errors import AutoparError
+    from .launch import RankError, run_local
+
+    spec = {"model": model, "mesh": dict(mesh), "mode": mode, "batch": batch, "seq": seq, "repeats": repeats,
+            "refresh": refresh, "verbose": verbose}
+    try:
+        return run_local(_on_rank, 1, spec)[0]
+    except RankError as exc:
+        raise AutoparError(f"profiling {model} on {mesh} failed:\n{exc}") from None
+
+
+def report(res: dict, top: int = 12) -> str:
+    lines = [f"op profile of {res['device']} (torch {res['torch']}): {res['path']}",
+             f"{res['wanted']} distinct op calls: {res['timed']} timed now, {res['cached']} from the cache, "
+             f"{len(res['failed'])} could not run (roofline estimate kept)", "",
+             f"{'op':<42} {'local input shapes':<34} {'fwd us':>9} {'fwd+bwd us':>11} {'roofline us':>12}"]
+    for op, shapes, fwd, train, roof in res["rows"][:top]:
+        lines.append(f"{op:<42} {str(shapes)[:34]:<34} {fwd * 1e6:>9.1f} {train * 1e6:>11.1f} {roof * 1e6:>12.2f}")
+    if len(res["rows"]) > top:
+        lines.append(f"... {len(res['rows']) - top} more")
+    lines += ["", f"{'class':<10} {'ops':>5} {'base us':>9} {'efficiency':>11} {'max rel err':>12}"]
+    for cls, f in res["efficiency"].items():
+        lines.append(f"{cls:<10} {f['n']:>5} {f['base_s'] * 1e6:>9.2f} {f['eff']:>11.3f} {f['max_rel_error']:>12.1%}")
+    o = res["overhead"]
+    lines += ["", "runtime overhead: "
+              f"{o.get('op_fwd_s', 0) * 1e6:.1f} us per op forward, {o.get('op_train_s', 0) * 1e6:.1f} us per op "
+              f"forward+backward, {o.get('param_s', 0) * 1e6:.1f} us per trainable parameter (hook + AdamW step), "
+              f"{o.get('collective_s', 0) * 1e6:.1f} us per collective issued (DTensor redistribute)"]
+    for k, why in list(res["failed"].items())[:5]:
+        lines.append(f"not timed: {k[:100]}: {why}")
+    return "\n".join(lines)
