@@ -99,6 +99,10 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     sol = solve(an.problem(limit), time_limit_s=time_limit_s, progress=progress)
     progress(f"solved ({sol.status}) in {sol.solve_time_s:.1f} s: predicted {sol.objective * 1e3:.3f} ms per step")
     plan = build_plan(an, sol, mesh.hardware)
+    fixed = an.ctx.overhead("step_s") if mode == "train" else 0.0
+    if fixed:  # the runtime's fixed cost per step (profiled): the same for every layout
+        plan.time_breakdown["runtime_s"] = fixed
+        plan.step_time_s += fixed
     if pins:
         import json
 

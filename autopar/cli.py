@@ -698,8 +698,10 @@ def cmd_validate(args) -> int:
     mesh = Mesh.parse(args.mesh, hardware=args.hardware)  # checks names, sizes and the preset first
     if args.steps < 1:
         raise AutoparError(f"--steps must be at least 1, got {args.steps}")
+    if args.rounds < 1:
+        raise AutoparError(f"--rounds must be at least 1, got {args.rounds}")
     res = validate(args.model, mesh.axes, hardware=args.hardware, mode=args.mode, steps=args.steps,
-                   batch=args.batch, seq=args.seq)
+                   rounds=args.rounds, batch=args.batch, seq=args.seq)
     print(f"validated {args.model} on {args.mesh} ({mesh.size} local ranks, costed with {args.hardware})")
     print(report(res))
     if args.out:
@@ -844,7 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", required=True, help="axis sizes, e.g. tp=2 or dp=2,tp=2 (local ranks = their product)")
     p.add_argument("--hardware", default="local", help="preset the plan is costed with (default: local)")
     p.add_argument("--mode", default="train", choices=["train", "infer"])
-    p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default: 5)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round; the median counts (default: 5)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of steps; the fastest round's median is reported "
+                   "(default: 3)")
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     p.add_argument("--out", help="save the plan that was run here")
@@ -860,8 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        # profile without --collectives and validate are not built yet: they say so whatever the arguments
-        if extra and not (args.command == "run" or (args.command == "profile" and not args.collectives)):
+        if extra and args.command != "run":  # only `autopar run` passes arguments on (to the script)
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2

@@ -43,7 +43,7 @@ def _on_rank(rank, world, spec: dict) -> dict:
             prof.failed[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
         if (i + 1) % 25 == 0 or i + 1 == len(todo):
             say(f"  timed {i + 1}/{len(todo)} ops in {time.perf_counter() - t0:.1f} s", flush=True)
-    if spec["refresh"] or "collective_s" not in prof.overhead:
+    if spec["refresh"] or "step_s" not in prof.overhead:
         say("measuring the runtime's per-op and per-parameter overheads on a 1-rank mesh ...", flush=True)
         prof.overhead = measure_overheads(repeats=spec["repeats"])
     refit(prof)
@@ -87,7 +87,8 @@ def report(res: dict, top: int = 12) -> str:
     lines += ["", "runtime overhead: "
               f"{o.get('op_fwd_s', 0) * 1e6:.1f} us per op forward, {o.get('op_train_s', 0) * 1e6:.1f} us per op "
               f"forward+backward, {o.get('param_s', 0) * 1e6:.1f} us per trainable parameter (hook + AdamW step), "
-              f"{o.get('collective_s', 0) * 1e6:.1f} us per collective issued (DTensor redistribute)"]
+              f"{o.get('collective_s', 0) * 1e6:.1f} us per collective issued (DTensor redistribute), "
+              f"{o.get('step_s', 0) * 1e6:.1f} us per step"]
     for k, why in list(res["failed"].items())[:5]:
         lines.append(f"not timed: {k[:100]}: {why}")
     return "\n".join(lines)

@@ -341,7 +341,8 @@ def measure_overheads(sizes: tuple[int, ...] = (8, 24, 40), repeats: int = 7) ->
     ops (the ops and their dispatch, which the profile times), so what is left is the program's
     own per-node cost; ``param_s`` of forward+backward+AdamW step in the number
     of parameters, less the one op each parameter adds; ``collective_s`` of forward+backward
-    redistribution round trips, per collective issued (forward or backward).
+    redistribution round trips, per collective issued (forward or backward); ``step_s`` the
+    intercept of the parameter chains, a step's fixed cost.
     """
     import torch
 
@@ -388,8 +389,8 @@ def measure_overheads(sizes: tuple[int, ...] = (8, 24, 40), repeats: int = 7) ->
             f = _median_time(lambda: chain(False), repeats, 5e-3)
         return [f, _median_time(lambda: chain(True), repeats, 5e-3)]
 
-    def slope(ys):
-        return float(np.polyfit(np.array(sizes, dtype=float), np.array(ys), 1)[0])
+    def slope(ys, k=0):  # k=1: the intercept
+        return float(np.polyfit(np.array(sizes, dtype=float), np.array(ys), 1)[k])
 
     ops = np.array([timed(n, 1) for n in sizes])
     ref = np.array([eager(n) for n in sizes])
@@ -413,7 +414,10 @@ def measure_overheads(sizes: tuple[int, ...] = (8, 24, 40), repeats: int = 7) ->
 
     # forward + backward, per collective: the DTensor redistribute path, with a 1-rank collective
     coll = max(0.0, slope([redistributions(n) for n in sizes]) / 4)
-    return {"op_fwd_s": op_fwd, "op_train_s": op_train, "param_s": param, "collective_s": coll}
+    # what a step costs with no op and no parameter: entering the program, starting backward, the
+    # optimizer's own fixed work
+    step = max(0.0, slope(params[:, 2], 1))
+    return {"op_fwd_s": op_fwd, "op_train_s": op_train, "param_s": param, "collective_s": coll, "step_s": step}
 
 
 # ---- fitting -------------------------------------------------------------------------------------

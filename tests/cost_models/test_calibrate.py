@@ -199,9 +199,15 @@ def test_calibrated_preset_keeps_inter_node_of_a_multi_node_preset(tmp_path):
 
 
 def test_presets_without_collectives_have_no_collective_links():
-    hw = load_hardware("local")
+    hw = load_hardware("h100-sxm")
     assert hw.collective_links == {}
     assert hw.link_for("all_reduce", hw.inter_node) is hw.inter_node
+
+
+def test_bundled_local_preset_is_calibrated_per_collective():
+    hw = load_hardware("local")
+    assert set(hw.collective_links) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"}
+    assert hw.link_for("all_reduce", hw.intra_node) is hw.collective_links["all_reduce"]
 
 
 def _preset_with(tmp_path, collectives) -> str:

@@ -12,11 +12,13 @@ from autopar.placements import partial, shard
 
 def test_calibrated_collectives_are_priced_with_their_own_fit(tmp_path):
     doc = json.loads((PRESET_DIR / "local.json").read_text())
+    doc.pop("collectives")  # the bundled preset is calibrated; start from its plain links
+    (tmp_path / "plain.json").write_text(json.dumps(doc))
     slow_gather = {"bandwidth_Bps": 1e6, "latency_s": 0.0}
     doc["collectives"] = {"all_gather": {**slow_gather, "max_rel_error": 0.1}}
     path = tmp_path / "calibrated.json"
     path.write_text(json.dumps(doc))
-    plain = CostContext({"tp": 2}, load_hardware("local"))
+    plain = CostContext({"tp": 2}, load_hardware(str(tmp_path / "plain.json")))
     calibrated = CostContext({"tp": 2}, load_hardware(str(path)))
     shape, item = (1024, 1024), 4
     (g,) = calibrated.collectives((shard(0),), (R,), shape, item)
