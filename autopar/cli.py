@@ -749,7 +749,8 @@ def cmd_profile(args) -> int:
         raise AutoparError(f"cannot write {args.out!r}: directory {str(out.parent)!r} does not exist")
     _progress(f"measuring collectives on {args.nproc} local gloo ranks, {format_bytes(sizes[0])}..{format_bytes(sizes[-1])}")
     try:
-        times = launch_local(args.nproc, sizes=sizes, repeats=args.repeats, rounds=args.rounds)
+        times = launch_local(args.nproc, sizes=sizes, repeats=args.repeats, rounds=args.rounds,
+                             gap_s=args.gap_ms * 1e-3)
     except (RuntimeError, ValueError) as e:
         raise AutoparError(str(e)) from None
     fits, failed = fit_all(times, args.nproc)
@@ -760,7 +761,9 @@ def cmd_profile(args) -> int:
         import json
 
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        doc = calibrated_preset(base, fits, notes=f"{args.nproc} local gloo ranks, fastest of {args.rounds} rounds x {args.repeats} bursts, sizes "
+        how = (f"median of {args.rounds} rounds x {args.repeats} single calls, each after {args.gap_ms} ms of compute"
+               if args.gap_ms > 0 else f"fastest of {args.rounds} rounds x {args.repeats} bursts")
+        doc = calibrated_preset(base, fits, notes=f"{args.nproc} local gloo ranks, {how}, sizes "
                                 f"{sizes[0]}..{sizes[-1]} bytes, 1-min load average {load:.2f} after.")
         out.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote calibrated preset to {args.out}", file=sys.stderr)
@@ -836,6 +839,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, help="--collectives: largest size to measure (default: 128 MiB)")
     p.add_argument("--repeats", type=int, help="op profiling: timed samples per op, the median is kept (default: 7); "
                    "--collectives: timed bursts per size and round, one for calls over 10 ms (default: 3)")
+    p.add_argument("--gap-ms", type=float, default=0.0,
+                   help="--collectives: time each call alone after this much compute and keep the median, as a "
+                        "training step meets them (default 0: the fastest of back-to-back bursts)")
     p.add_argument("--rounds", type=int, default=10,
                    help="--collectives: interleaved rounds over all sizes; the fastest burst is kept (default: 10)")
     p.set_defaults(func=cmd_profile)

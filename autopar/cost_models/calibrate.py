@@ -103,8 +103,27 @@ def _make_call(op: str, nbytes: int, world: int, rank: int, device, group, bufs:
     raise ValueError(f"unknown collective {op!r}; expected one of {list(OPS)}")
 
 
+def _busy_work(gap_s: float, device):
+    """A function that computes (matmuls) for about ``gap_s`` seconds on ``device``."""
+    import torch
+
+    a, b = torch.randn(256, 256, device=device), torch.randn(256, 256, device=device)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.02:
+        a @ b
+        n += 1
+    reps = max(1, round(gap_s / ((time.perf_counter() - t0) / n)))
+
+    def work():
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+
+    return work
+
+
 def measure_collectives(sizes=None, ops=OPS, repeats: int = 3, group=None, warmup: int = 3,
-                        rounds: int = 10, burst_s: float = 0.01) -> CollectiveTimes:
+                        rounds: int = 10, burst_s: float = 0.01, gap_s: float = 0.0) -> CollectiveTimes:
     """Time collectives on the live process group; every rank must call this with the same arguments.
 
     Every (op, size) gets ``warmup`` (at least 2) untimed calls and a burst length K (about
@@ -117,7 +136,13 @@ def measure_collectives(sizes=None, ops=OPS, repeats: int = 3, group=None, warmu
     work on a busy host only ever adds time, and on a 2-core host shared with other jobs the
     median of 30-call bursts varies by ±20% between runs, the fastest by a few %. These are
     max-reduced across ranks (a collective lasts until its slowest rank is done), so every rank
-    returns the same numbers. Sizes default to 1 KiB .. 128 MiB by powers of 2; a size is
+    returns the same numbers.
+
+    ``gap_s > 0`` measures collectives as a training step issues them instead: each timed call
+    comes alone, after about ``gap_s`` of matmuls on every rank, and each size keeps the median
+    of its calls. On a loaded or virtualised host a collective that follows compute is much
+    slower than one in a burst (its communication threads have gone to sleep, ranks drift), and
+    this is the number a step pays. Sizes default to 1 KiB .. 128 MiB by powers of 2; a size is
     rounded down to a whole number of float32 elements per rank. An op the backend cannot run is
     recorded in ``result.missing`` (and maps to ``{}``) instead of raising.
     """
@@ -163,16 +188,24 @@ def measure_collectives(sizes=None, ops=OPS, repeats: int = 3, group=None, warmu
     bursts = torch.tensor([k for *_, k in entries], **f64)
     dist.all_reduce(bursts, op=dist.ReduceOp.MAX, group=group)
     raw = torch.full((len(entries), rounds * repeats), math.inf, dtype=torch.float64)
+    work = _busy_work(gap_s, device) if gap_s > 0 else None
     for r in range(rounds):
         for i, ((_, _, call, _), k) in enumerate(zip(entries, bursts.int().tolist())):
-            for j in range(repeats if k > 1 else 1):
+            for j in range(repeats if k > 1 or work else 1):
+                if work is not None:  # one call after compute, as in a step
+                    work()
+                    t0 = time.perf_counter()
+                    call()
+                    _sync(device)
+                    raw[i, r * repeats + j] = time.perf_counter() - t0
+                    continue
                 dist.barrier(group=group)
                 t0 = time.perf_counter()
                 for _ in range(k):
                     call()
                 _sync(device)
                 raw[i, r * repeats + j] = (time.perf_counter() - t0) / k
-    best = raw.min(dim=1).values.to(device)
+    best = (raw.median(dim=1).values if work is not None else raw.min(dim=1).values).to(device)
     dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
     for (op, nbytes, _, _), t in zip(entries, best.cpu().tolist()):
         result[op][nbytes] = t

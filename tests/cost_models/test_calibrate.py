@@ -321,3 +321,15 @@ def test_profile_collectives_end_to_end(capsys, tmp_path):
     assert stdout.count("PASS") + stdout.count("FAIL") == 2 * len(hw.collective_links)
     assert stdout.count("SKIP") == len(OPS) - len(hw.collective_links)
     assert f"wrote calibrated preset to {out}" in err
+
+
+def _measure_in_program(rank, world):
+    from autopar.cost_models.calibrate import measure_collectives
+
+    times = measure_collectives(sizes=[1 << 10, 64 << 10], ops=("all_reduce",), repeats=2, rounds=2, gap_s=0.001)
+    return dict(times)
+
+
+def test_measure_in_program_mode_times_single_calls_after_compute():
+    times = run_ranks(_measure_in_program, 2, timeout=120)[0]
+    assert sorted(times["all_reduce"]) == [1 << 10, 64 << 10] and all(t > 0 for t in times["all_reduce"].values())
