@@ -57,6 +57,47 @@ def _on_rank(rank, world, spec: dict) -> dict:
             "efficiency": prof.efficiency, "rows": rows, "device": prof.device, "torch": prof.torch}
 
 
+def _collective_overhead(rank, world, repeats: int) -> float:
+    """Seconds a collective costs a step beyond its link time, on ``world`` ranks: each sample
+    computes (about 1 ms of matmuls), then redistributes a Partial DTensor to Replicate and uses
+    it, as a step does; less the matmuls and the preset's α-β time of that all-reduce. On hosts
+    whose communication threads sleep while a rank computes, this is most of what a collective
+    costs a step, and far more than a back-to-back benchmark shows."""
+    import statistics
+
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    from .cost_models.comm import collective_time
+    from .cost_models.hardware import load_hardware
+
+    mesh = init_device_mesh("cpu", (world,))
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    x = DTensor.from_local(torch.ones(64, 256), mesh, [Partial()])
+    hw = load_hardware("local")
+    link = hw.link_for("all_reduce", hw.intra_node)
+    nbytes = 64 * 256 * 4
+
+    def compute():
+        for _ in range(8):
+            a @ b
+
+    def sample(with_collective):
+        compute()
+        t0 = time.perf_counter()
+        compute()
+        if with_collective:
+            x.redistribute(mesh, [Replicate()]).to_local().sum()
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        sample(True)
+    pairs = [(sample(True), sample(False)) for _ in range(max(repeats, 5) * 3)]
+    extra = statistics.median(t - c for t, c in pairs)
+    return max(0.0, extra - collective_time("all_reduce", nbytes, world, link))
+
+
 def profile_model(model: str, mesh: dict, *, mode: str = "train", batch: int | None = None, seq: int | None = None,
                   repeats: int = 7, refresh: bool = False, verbose: bool = True) -> dict:
     """Profile ``model``'s ops for ``mesh`` on this device (one spawned rank); return a summary."""
@@ -66,7 +107,18 @@ def profile_model(model: str, mesh: dict, *, mode: str = "train", batch: int | N
     spec = {"model": model, "mesh": dict(mesh), "mode": mode, "batch": batch, "seq": seq, "repeats": repeats,
             "refresh": refresh, "verbose": verbose}
     try:
-        return run_local(_on_rank, 1, spec)[0]
+        res = run_local(_on_rank, 1, spec)[0]
+        from .cost_models.profile import load_profile
+
+        prof = load_profile(res["path"])
+        if refresh or "collective_s_ranks" not in prof.overhead:
+            if verbose:
+                print("measuring what a collective costs a step on 2 ranks ...", flush=True)
+            prof.overhead["collective_s"] = run_local(_collective_overhead, 2, repeats)[0]
+            prof.overhead["collective_s_ranks"] = 2
+            prof.save()
+            res["overhead"] = prof.overhead
+        return res
     except RankError as exc:
         raise AutoparError(f"profiling {model} on {mesh} failed:\n{exc}") from None
 

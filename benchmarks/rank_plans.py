@@ -1,6 +1,6 @@
 """Does the cost model rank plans the way the machine does? Six plans, predicted against measured.
 
-    python benchmarks/rank_plans.py [--model examples/gpt.py:small] [--rounds 5] [--steps 3]
+    python benchmarks/rank_plans.py [--model examples/gpt.py:medium] [--rounds 5] [--steps 3]
 
 Six distinct feasible plans of one model on 2 local gloo ranks (pure DP, the solver's TP,
 Megatron-style TP with the attention left replicated, column-only and row-only TP, and full
@@ -83,7 +83,7 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="examples/gpt.py:small")
+    ap.add_argument("--model", default="examples/gpt.py:medium")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args(argv)

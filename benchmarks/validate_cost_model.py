@@ -2,7 +2,7 @@
 
     python benchmarks/validate_cost_model.py [--steps 5] [--rounds 3]
 
-For the hand-written GPT (``examples/gpt.py``, tiny and small) and HF GPT-2 tiny (the
+For the hand-written GPT (``examples/gpt.py``: tiny, small, medium) and HF GPT-2 tiny (the
 ``tiny-gpt2`` preset, also at batch 8 x 64 tokens, where its plans communicate), on ``tp=2`` and
 ``dp=2``: plan with the calibrated ``local`` preset and this device's op profile (made first,
 cached), run the plan (``autopar validate``), and print the predicted and measured step time,
@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 CASES = [  # model, batch, seq
     ("examples/gpt.py:tiny", None, None),
     ("examples/gpt.py:small", None, None),
+    ("examples/gpt.py:medium", None, None),
     ("tiny-gpt2", None, None),
     ("tiny-gpt2", 8, 64),
 ]

@@ -65,3 +65,8 @@ def tiny():
 def small():
     """d=256, 2 layers, batch 8 x 64 tokens: compute and communication both matter on a CPU."""
     return _make(8, 64, vocab=512, d=256, heads=4, layers=2, max_len=128)
+
+
+def medium():
+    """d=512, 2 layers, batch 8 x 64 tokens: compute dominates a CPU step; layouts differ clearly."""
+    return _make(8, 64, vocab=512, d=512, heads=8, layers=2, max_len=128)
