@@ -57,12 +57,13 @@ def _on_rank(rank, world, spec: dict) -> dict:
             "efficiency": prof.efficiency, "rows": rows, "device": prof.device, "torch": prof.torch}
 
 
-def _collective_overhead(rank, world, repeats: int) -> float:
-    """Seconds a collective costs a step beyond its link time, on ``world`` ranks: each sample
-    computes (about 1 ms of matmuls), then redistributes a Partial DTensor to Replicate and uses
-    it, as a step does; less the matmuls and the preset's α-β time of that all-reduce. On hosts
-    whose communication threads sleep while a rank computes, this is most of what a collective
-    costs a step, and far more than a back-to-back benchmark shows."""
+def _collective_overhead(rank, world, repeats: int) -> tuple[float, float]:
+    """(a, b): a collective costs a step ``a + b·bytes`` seconds beyond its link time, on
+    ``world`` ranks. Each sample computes (a few ms of matmuls), then redistributes a Partial
+    DTensor to Replicate and uses it, as a step does; less the matmuls and the preset's α-β time
+    of that all-reduce; at 64 KiB and 1 MiB, a line through the two. On hosts whose communication
+    threads sleep while a rank computes, this is most of what a collective costs a step, and far
+    more than a back-to-back benchmark shows."""
     import statistics
 
     import torch
@@ -74,28 +75,32 @@ def _collective_overhead(rank, world, repeats: int) -> float:
 
     mesh = init_device_mesh("cpu", (world,))
     a, b = torch.randn(256, 256), torch.randn(256, 256)
-    x = DTensor.from_local(torch.ones(64, 256), mesh, [Partial()])
     hw = load_hardware("local")
     link = hw.link_for("all_reduce", hw.intra_node)
-    nbytes = 64 * 256 * 4
 
     def compute():
         for _ in range(8):
             a @ b
 
-    def sample(with_collective):
-        compute()
-        t0 = time.perf_counter()
-        compute()
-        if with_collective:
-            x.redistribute(mesh, [Replicate()]).to_local().sum()
-        return time.perf_counter() - t0
+    def extra(rows):
+        x = DTensor.from_local(torch.ones(rows, 256), mesh, [Partial()])
 
-    for _ in range(3):
-        sample(True)
-    pairs = [(sample(True), sample(False)) for _ in range(max(repeats, 5) * 3)]
-    extra = statistics.median(t - c for t, c in pairs)
-    return max(0.0, extra - collective_time("all_reduce", nbytes, world, link))
+        def sample(with_collective):
+            compute()
+            t0 = time.perf_counter()
+            compute()
+            if with_collective:
+                x.redistribute(mesh, [Replicate()]).to_local().sum()
+            return time.perf_counter() - t0
+
+        for _ in range(3):
+            sample(True)
+        pairs = [(sample(True), sample(False)) for _ in range(max(repeats, 5) * 3)]
+        return statistics.median(t - c for t, c in pairs) - collective_time("all_reduce", rows * 1024, world, link)
+
+    (s0, e0), (s1, e1) = [(rows * 1024, extra(rows)) for rows in (64, 1024)]
+    per_byte = max(0.0, (e1 - e0) / (s1 - s0))
+    return max(0.0, e0 - per_byte * s0), per_byte
 
 
 def profile_model(model: str, mesh: dict, *, mode: str = "train", batch: int | None = None, seq: int | None = None,
@@ -114,7 +119,8 @@ def profile_model(model: str, mesh: dict, *, mode: str = "train", batch: int | N
         if refresh or "collective_s_ranks" not in prof.overhead:
             if verbose:
                 print("measuring what a collective costs a step on 2 ranks ...", flush=True)
-            prof.overhead["collective_s"] = run_local(_collective_overhead, 2, repeats)[0]
+            prof.overhead["collective_s"], prof.overhead["collective_s_per_byte"] = run_local(
+                _collective_overhead, 2, repeats)[0]
             prof.overhead["collective_s_ranks"] = 2
             prof.save()
             res["overhead"] = prof.overhead
@@ -139,7 +145,8 @@ def report(res: dict, top: int = 12) -> str:
     lines += ["", "runtime overhead: "
               f"{o.get('op_fwd_s', 0) * 1e6:.1f} us per op forward, {o.get('op_train_s', 0) * 1e6:.1f} us per op "
               f"forward+backward, {o.get('param_s', 0) * 1e6:.1f} us per trainable parameter (hook + AdamW step), "
-              f"{o.get('collective_s', 0) * 1e6:.1f} us per collective issued (DTensor redistribute), "
+              f"{o.get('collective_s', 0) * 1e6:.1f} us + {o.get('collective_s_per_byte', 0) * 1e9:.2f} ns/byte per "
+              "collective a step issues (beyond its link time), "
               f"{o.get('step_s', 0) * 1e6:.1f} us per step"]
     for k, why in list(res["failed"].items())[:5]:
         lines.append(f"not timed: {k[:100]}: {why}")

@@ -18,7 +18,8 @@ The cost of op v on its local shards x, in seconds per step, is then
         = f · (b_c + e_c · roofline(v, x))                  otherwise, c = class(v)
 
 plus ``o_op`` for every op the per-rank program runs (views included), ``o_param`` for every
-trainable parameter and ``o_coll`` for every collective it issues (on top of the link's α-β time). ``f`` is 1 + bwd/fwd in training, 1 in inference. The per-class base
+trainable parameter and ``a + b·bytes`` for every collective it issues (on top of the link's
+α-β time; measured on 2 ranks after compute, as a step issues them: ``profiler.py``). ``f`` is 1 + bwd/fwd in training, 1 in inference. The per-class base
 ``b_c`` and efficiency ``e_c`` are fitted over the profiled forward times of class c by least
 squares on relative error: min Σ_i ((b_c + e_c·r_i − t_i) / t_i)², b_c, e_c ≥ 0.
 """

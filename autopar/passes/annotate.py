@@ -10,7 +10,10 @@ Costs, all in seconds per training (or inference) step, from one hardware preset
   ``c_v[j] = f · max(flops_local / peak, bytes_local / mem_bw)`` with ``f = 1 + bwd/fwd`` in
   training, the ratio of backward to forward FLOPs that the joint graph measured for v's source
   op (``passes/joint.py``; 3 when unknown), and 1 for inference; a trainable parameter also pays
-  its optimizer's update (``memory.update_cost``), memory bound on its local shard;
+  its optimizer's update (``memory.update_cost``), memory bound on its local shard. With an op
+  profile of this device (``autopar profile``), a measured op uses its measured time, an
+  unmeasured one its class's fitted base and efficiency, and every op, parameter and collective
+  adds the runtime's measured overhead (the formula is in ``cost_models/profile.py``);
 * edge u→v, pair (i, j): the forward redistribution from u's output placement to v's required
   input placement, plus in training the backward redistribution of the gradient that flows back
   along the edge. Per axis the gradient v sends back is ``R`` if v took the input as ``P``, ``P``
@@ -137,8 +140,9 @@ class CostContext:
     def _price(self, src, dst, shape, itemsize):
         steps = tuple((dim, a, b) for dim, a, b, _ in redistribute_steps(self.axes, src, dst, shape, itemsize))
         priced = price_steps(steps, src, shape, itemsize, tuple(self.axes.items()), self._op_links, self.a2a_as_all_gather)
-        ovh = self.overhead("collective_s")  # the runtime's own cost of issuing one (DTensor redistribute)
-        return tuple(dataclasses.replace(c, time_s=c.time_s + ovh) for c in priced) if ovh else priced
+        # what a step pays per collective beyond its link time (profiled: DTensor, waking the ranks)
+        a, b = self.overhead("collective_s"), self.overhead("collective_s_per_byte")
+        return tuple(dataclasses.replace(c, time_s=c.time_s + a + b * c.bytes) for c in priced) if a or b else priced
 
     def overhead(self, what: str) -> float:
         """The runtime's own seconds per op or parameter (``op_fwd_s``, ``op_train_s``, ``param_s``)."""
