@@ -92,6 +92,7 @@ def test_profile_command_times_ops_and_reuses_the_cache(tmp_path, monkeypatch, c
     assert "timed now" in first and "per op forward" in first and "matmul" in first, first
     prof = P.load_profile()
     assert len(prof.ops) > 20 and prof.overhead["param_s"] > 0 and "matmul" in prof.efficiency
+    assert prof.overhead["collective_s_ranks"] == 2 and prof.overhead["collective_s"] >= 0
     assert cli.main(["profile", "--hardware", "local", "--model", "tiny-gpt2", "--mesh", "tp=2"]) == 0
     assert " 0 timed now" in capsys.readouterr().out  # the second run only reads the cache
     assert cli.main(["profile", "--hardware", "h100-sxm"]) == 1
