@@ -192,8 +192,10 @@ def _spec_str(spec, node) -> list:
     """How to rebuild (args, kwargs) from the flat leaves: the lengths of the arg lists, as data."""
     import torch.utils._pytree as pytree
 
-    return [[pytree.tree_flatten(a)[0].__len__() if isinstance(a, (list, tuple)) else -1 for a in node.args],
-            sorted(node.kwargs)]
+    def n(a):  # -1: one leaf, else a list of that many leaves
+        return len(pytree.tree_leaves(a)) if isinstance(a, (list, tuple)) else -1
+
+    return [[n(a) for a in node.args], [[k, n(v)] for k, v in node.kwargs.items()]]  # dicts flatten in order
 
 
 def _rebuild(recipe: dict, tensors: list):
@@ -208,17 +210,12 @@ def _rebuild(recipe: dict, tensors: list):
             leaves.append(getattr(torch, a["dtype"]))
         else:
             leaves.append(a["c"])
-    arg_lens, kw_names = recipe["tree"]
-    args, i = [], 0
-    for n in arg_lens:
-        if n < 0:
-            args.append(leaves[i])
-            i += 1
-        else:
-            args.append(list(leaves[i:i + n]))
-            i += n
-    kwargs = dict(zip(kw_names, leaves[i:]))
-    return args, kwargs
+    arg_lens, kw_lens = recipe["tree"]
+    values, i = [], 0
+    for n in list(arg_lens) + [n for _, n in kw_lens]:
+        values.append(leaves[i] if n < 0 else list(leaves[i:i + n]))
+        i += 1 if n < 0 else n
+    return values[:len(arg_lens)], {k: v for (k, _), v in zip(kw_lens, values[len(arg_lens):])}
 
 
 def _resolve(op: str):
