@@ -1,0 +1,70 @@
+"""Pipeline stages from a real traced model: layers found in the graph, stages balanced by cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import autopar
+from autopar.passes.pipeline import layer_index, plan_pipeline, stage_arrays
+from autopar.passes.trace import trace
+
+
+class Blk(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+class Uneven(nn.Module):
+    """A GPT-like stack whose first half has a 16x wider MLP than its second half."""
+
+    def __init__(self, d=256, widths=(4096,) * 4 + (256,) * 4):
+        super().__init__()
+        self.emb = nn.Embedding(512, d)
+        self.layers = nn.ModuleList(Blk(d, h) for h in widths)
+        self.head = nn.Linear(d, 512)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for blk in self.layers:
+            x = blk(x)
+        return self.head(x)
+
+
+def _model():
+    with torch.device("meta"):
+        model = Uneven()
+    return model, (torch.zeros(16, 128, dtype=torch.long, device="meta"),)
+
+
+def test_layers_are_found_in_the_graph():
+    model, inputs = _model()
+    tg = trace(model, inputs)
+    container, layer = layer_index(tg)
+    assert container == "layers" and max(layer.values()) == 7
+    assert layer["p_emb_weight"] == 0 and layer["p_head_weight"] == 7 and layer["p_layers_5_fc1_weight"] == 5
+
+
+def test_stages_are_balanced_by_cost_not_by_layer_count():
+    model, inputs = _model()
+    mesh = autopar.Mesh({"tp": 2}, hardware="h100-sxm")
+    inner, stages = plan_pipeline(model, mesh, inputs, pp=2, microbatches=(4,), schedules=("1f1b",))
+    assert stages.microbatches == 4 and stages.schedule == "1f1b"
+    tg = trace(model, inputs)
+    _, t, c, _, _ = stage_arrays(tg, inner, mesh.hardware_spec.inter_node, 4)
+    assert t[1] > 4 * t[6]  # the wide layers really cost more
+    equal_count = max(sum(t[:4]) + c[3], sum(t[4:]))
+    assert stages.bounds != ((0, 4), (4, 8)) and max(stages.stage_times) < equal_count
+    assert stages.bubble <= stages.analytic_bubble + 1e-12
+
+
+def test_batch_must_divide_into_a_microbatch_count():
+    model, inputs = _model()
+    with pytest.raises(ValueError, match="divides into none"):
+        plan_pipeline(model, autopar.Mesh({"tp": 2}, hardware="h100-sxm"), inputs, pp=2, microbatches=(3, 5))
