@@ -35,11 +35,17 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     ``op_profile``: ``"auto"`` costs ops with this device's measured times (``autopar profile
     --hardware local``) when the hardware preset is ``local``; a path uses that profile file;
     ``None`` uses the roofline only. ``optimizer`` ("adamw", "adamw8bit", "sgd", "sgd-momentum")
-    sets the optimizer state the memory model counts. Returns an ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and
-    ``InfeasibleError`` if no layout fits the device memory.
+    sets the optimizer state the memory model counts. A ``pp`` axis splits the model's repeated
+    blocks into pipeline stages (``plan.pipeline``; planned, not executed yet). Returns an
+    ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and ``InfeasibleError``
+    if no layout fits the device memory.
     """
     _check(model, mesh, mode, optimizer)
     say = progress or (lambda msg: None)
+    if "pp" in mesh.axes:
+        return _plan_pipelined(model, mesh, example_inputs, mode=mode, example_kwargs=example_kwargs,
+                               time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=say,
+                               op_profile=op_profile, pins=pins, optimizer=optimizer)
     from .passes.trace import trace
 
     t0 = time.perf_counter()
@@ -47,6 +53,27 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     return plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                        progress=say, trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer)
+
+
+def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, progress, **options):
+    """A mesh with "pp": the intra-op plan on the other axes, then the stages (passes/pipeline.py)."""
+    import dataclasses
+
+    from .passes.pipeline import plan_pipeline
+
+    pp = mesh.axes["pp"]
+    inner = {a: n for a, n in mesh.axes.items() if a != "pp"} or {"tp": 1}
+    plan, stages, names = plan_pipeline(model, Mesh(inner, hardware=mesh.hardware), example_inputs, pp,
+                                        memory_limit_bytes=memory_limit_bytes, progress=progress, **options)
+    progress(f"pipeline: {pp} stages, {stages.schedule}, {stages.microbatches} microbatches, predicted bubble "
+             f"{stages.bubble:.1%} (analytic (p-1)/m = {stages.analytic_bubble:.1%})")
+    doc = {**stages.to_json(), "layers": names}
+    return dataclasses.replace(
+        plan, mesh=dict(mesh.axes), step_time_s=stages.step_time, peak_memory_bytes=int(max(stages.stage_memory)),
+        # the intra-op plan's parts are summed over all stages for the whole batch; the step is the pipeline's
+        time_breakdown={"pipeline_step_s": stages.step_time, **{f"all_stages_{k}": v for k, v in plan.time_breakdown.items()}},
+        pipeline=doc,
+        warnings=plan.warnings + ["pipeline stages are planned but not executed yet: autopar.compile refuses a 'pp' axis"])
 
 
 def _trainable(model: nn.Module) -> set[str]:

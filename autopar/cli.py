@@ -298,6 +298,14 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
     rows.append(["step (predicted)", format_seconds(plan.step_time_s), _pct(plan.step_time_s, plan.step_time_s)])
     sections.append(Section("Predicted step time", ["part", "time", "of step"], rows, right={1, 2}))
 
+    if plan.pipeline:
+        pipe = plan.pipeline
+        rows = [[str(s), f"{pipe['layers'][a]}..{pipe['layers'][b - 1]}", str(b - a), format_seconds(t), format_bytes(m)]
+                for s, ((a, b), t, m) in enumerate(zip(pipe["bounds"], pipe["stage_times_s"], pipe["stage_memory_bytes"]))]
+        notes = [f"{pipe['schedule']}, {pipe['microbatches']} microbatches; predicted bubble {pipe['bubble']:.1%} "
+                 f"against the analytic (p-1)/m = {pipe['analytic_bubble']:.1%} (equal when stages are balanced)"]
+        sections.append(Section("Pipeline stages (planned; not executed yet)",
+                                 ["stage", "layers", "count", "time per microbatch", "memory"], rows, right={2, 3, 4}, notes=notes))
     sections.append(Section(f"Warnings ({len(plan.warnings)})", [], [], notes=[f"- {w}" for w in plan.warnings] or ["(none)"]))
     return sections
 

@@ -41,12 +41,12 @@ class Mesh:
         bad_sizes = {a: n for a, n in axes.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
         if bad_sizes:
             raise MeshError(f"mesh axis sizes must be positive integers, got {bad_sizes}")
-        unsupported = [a for a in axes if a not in ("dp", "tp")]
+        unsupported = [a for a in axes if a not in ("pp", "dp", "tp")]
         if unsupported:
-            # Only data and tensor parallelism are solved and lowered so far; other axes would be
-            # silently ignored, which is worse than refusing.
+            # Only pipeline (planned, not run yet), data and tensor parallelism exist so far; other
+            # axes would be silently ignored, which is worse than refusing.
             raise MeshError(
-                f"mesh axis {unsupported} is not supported yet: autopar currently plans 'dp' and 'tp' axes; "
+                f"mesh axis {unsupported} is not supported yet: autopar currently plans 'pp', 'dp' and 'tp' axes; "
                 "fold the devices into dp/tp for now"
             )
         self.axes: dict[str, int] = {a: axes[a] for a in AXIS_ORDER if a in axes}
@@ -99,6 +99,9 @@ class Mesh:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
+        if "pp" in self.axes:
+            raise MeshError("pipeline execution is not built yet (issue 4): autopar.plan and `autopar plan` plan "
+                            "meshes with a 'pp' axis offline, but compile cannot run them; fold pp into dp for now")
         if not dist.is_available() or not dist.is_initialized():
             raise MeshError(
                 "no process group is running: launch with `torchrun` or `autopar run`, or use "

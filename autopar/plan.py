@@ -57,6 +57,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     explanations: dict[str, dict] = field(default_factory=dict)  # target -> chosen, alternatives, reason
     optimizer: str = "adamw"  # whose state the memory counts (cost_models/memory.py)
+    pipeline: dict | None = None  # with a "pp" axis: stages, schedule, microbatches (solvers/inter_op.py)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -345,7 +346,7 @@ def validate(data: Any) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise PlanError(f"plan has unknown field(s) {unknown}; known fields are {sorted(known)}", _key("$", unknown[0]))
-    optional = {"warnings", "explanations", "schema_version", "optimizer"}
+    optional = {"warnings", "explanations", "schema_version", "optimizer", "pipeline"}
     for name in sorted(known - optional):
         _require(data, name, "$")
 
@@ -382,6 +383,14 @@ def validate(data: Any) -> None:
     for i, c in enumerate(cols):
         _check_collective(c, f"$.collectives[{i}]", mesh)
 
+    pipe = data.get("pipeline")
+    if pipe is not None:
+        _expect(isinstance(pipe, dict), "$.pipeline", "an object", pipe)
+        for key in ("bounds", "stage_times_s", "stage_memory_bytes", "layers"):
+            _require(pipe, key, "$.pipeline")
+            _expect(isinstance(pipe[key], list), _key("$.pipeline", key), "an array", pipe[key])
+        _expect(len(pipe["bounds"]) == mesh.get("pp"), "$.pipeline.bounds", f"one [start, end) per pp rank "
+                f"({mesh.get('pp')})", pipe["bounds"])
     solver = data["solver"]
     _expect(isinstance(solver, dict), "$.solver", "an object", solver)
     for key in ("name", "status"):

@@ -26,6 +26,7 @@ import re
 import torch
 
 from ..cost_models.comm import collective_time
+from ..errors import AutoparError
 from ..placements import local_shape, parse
 
 
@@ -41,7 +42,8 @@ def layer_index(tg) -> tuple[str, dict[str, int]]:
             if m:
                 counts.setdefault(m.group(1), set()).add(int(m.group(2)))
     if not counts:
-        raise ValueError("no repeated blocks (a module list such as blocks.0, blocks.1, ...) in the model")
+        raise AutoparError("pipeline stages need repeated blocks (a module list such as blocks.0, blocks.1, ...), "
+                           "and the model has none; plan it without a 'pp' axis")
     container = max(counts, key=lambda k: (len(counts[k]), -len(k)))
     order = sorted(counts[container])
     pattern = re.compile(rf"^{re.escape(container)}\.(\d+)(?:\.|$)")
@@ -105,9 +107,10 @@ def stage_arrays(tg, plan, link, m: int) -> tuple[list, list, list, list, list]:
     return [f"{container}.{k}" for k in range(n)], t, c, w, a
 
 
-def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=(1, 2, 4, 8), schedules=("gpipe", "1f1b"),
+def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=(1, 2, 4, 8), schedules=("1f1b", "gpipe"),
                   memory_limit_bytes: float | None = None, **options):
-    """Plan ``model`` for ``pp`` pipeline stages over ``mesh`` (the other axes): (intra-op plan, StagePlan).
+    """Plan ``model`` for ``pp`` pipeline stages over ``mesh`` (the other axes): (intra-op plan,
+    StagePlan, layer names).
 
     The batch must divide into each candidate microbatch count; the others are skipped.
     """
@@ -123,8 +126,11 @@ def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=(1, 2, 4
     # axes fill a node; otherwise neighbours share a node
     link = hw.inter_node if mesh.size >= hw.devices_per_node else axis_links({"pp": pp}, hw)["pp"]
     batch = next(t.shape[0] for t in example_inputs if isinstance(t, torch.Tensor))
-    per_m = {m: stage_arrays(tg, inner, link, m)[1:] for m in microbatches if batch % m == 0}
-    if not per_m:
-        raise ValueError(f"batch {batch} divides into none of the microbatch counts {tuple(microbatches)}")
+    arrays = {m: stage_arrays(tg, inner, link, m) for m in microbatches if batch % m == 0}
+    if not arrays:
+        raise AutoparError(f"batch {batch} divides into none of the microbatch counts {tuple(microbatches)}")
+    names = arrays[min(arrays)][0]
+    if pp > len(names):
+        raise AutoparError(f"pp={pp} stages need at least {pp} layers; the model has {len(names)} ({names[0]} ...)")
     limit = memory_limit_bytes if memory_limit_bytes is not None else hw.memory_capacity_bytes
-    return inner, choose_pipeline(per_m, pp, schedules, limit)
+    return inner, choose_pipeline({m: a[1:] for m, a in arrays.items()}, pp, schedules, limit), names

@@ -54,7 +54,8 @@ def test_layers_are_found_in_the_graph():
 def test_stages_are_balanced_by_cost_not_by_layer_count():
     model, inputs = _model()
     mesh = autopar.Mesh({"tp": 2}, hardware="h100-sxm")
-    inner, stages = plan_pipeline(model, mesh, inputs, pp=2, microbatches=(4,), schedules=("1f1b",))
+    inner, stages, names = plan_pipeline(model, mesh, inputs, pp=2, microbatches=(4,), schedules=("1f1b",))
+    assert names == [f"layers.{k}" for k in range(8)]
     assert stages.microbatches == 4 and stages.schedule == "1f1b"
     tg = trace(model, inputs)
     _, t, c, _, _ = stage_arrays(tg, inner, mesh.hardware_spec.inter_node, 4)
@@ -66,5 +67,26 @@ def test_stages_are_balanced_by_cost_not_by_layer_count():
 
 def test_batch_must_divide_into_a_microbatch_count():
     model, inputs = _model()
-    with pytest.raises(ValueError, match="divides into none"):
+    with pytest.raises(autopar.AutoparError, match="divides into none"):
         plan_pipeline(model, autopar.Mesh({"tp": 2}, hardware="h100-sxm"), inputs, pp=2, microbatches=(3, 5))
+
+
+def test_a_pp_mesh_plans_stages_offline_and_compile_refuses_it(tmp_path, capsys):
+    from autopar import cli
+
+    model, inputs = _model()
+    mesh = autopar.Mesh({"tp": 2, "pp": 2}, hardware="h100-sxm")
+    assert mesh.names == ("pp", "tp")
+    plan = autopar.plan(model, mesh, inputs)
+    pipe = plan.pipeline
+    assert plan.mesh == {"pp": 2, "tp": 2} and len(pipe["bounds"]) == 2 and pipe["layers"][0] == "layers.0"
+    assert plan.step_time_s == pipe["step_time_s"] and plan.peak_memory_bytes == int(max(pipe["stage_memory_bytes"]))
+    assert any("not executed yet" in w for w in plan.warnings)
+    path = tmp_path / "pp.json"
+    plan.save(path)
+    assert autopar.Plan.load(path).pipeline == pipe  # round trip
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Pipeline" in out and "layers.0" in out and "analytic" in out
+    with pytest.raises(autopar.MeshError, match="pipeline execution is not built yet"):
+        mesh.device_mesh()
