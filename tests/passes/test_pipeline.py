@@ -90,3 +90,14 @@ def test_a_pp_mesh_plans_stages_offline_and_compile_refuses_it(tmp_path, capsys)
     assert "Pipeline" in out and "layers.0" in out and "analytic" in out
     with pytest.raises(autopar.MeshError, match="pipeline execution is not built yet"):
         mesh.device_mesh()
+
+
+def test_pp_errors_say_what_to_do():
+    from models import MLP
+
+    mlp = MLP()
+    with pytest.raises(autopar.AutoparError, match="need repeated blocks"):
+        autopar.plan(mlp, autopar.Mesh({"pp": 2}, hardware="h100-sxm"), (torch.randn(8, 32),))
+    model, inputs = _model()
+    with pytest.raises(autopar.AutoparError, match="need at least 16 layers"):
+        autopar.plan(model, autopar.Mesh({"pp": 16}, hardware="h100-sxm"), inputs)
