@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch.nn as nn
@@ -86,6 +87,8 @@ def _op_profile(spec, hw):
 
     if spec == "auto":
         return load_profile() if hw.name == "local" else None
+    if spec is not None and not isinstance(spec, (str, os.PathLike)):
+        raise AutoparError(f"op_profile must be 'auto', None or the path of a profile file, got {spec!r}")
     return None if spec is None else load_profile(spec)
 
 

@@ -12,6 +12,8 @@ import tempfile
 import time
 import traceback
 
+from .errors import AutoparError
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -29,6 +31,8 @@ def _worker(rank, world, port, fn, args, outdir):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         result = ("ok", fn(rank, world, *args))
+    except AutoparError as e:  # a user-facing error already says what is wrong: no traceback
+        result = ("error", f"{type(e).__name__}: {e}")
     except BaseException:  # noqa: BLE001 - hand every failure, assertions included, to the launcher
         result = ("error", traceback.format_exc())
     finally:

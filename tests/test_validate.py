@@ -30,6 +30,8 @@ def test_validate_rejects_bad_input(capsys):
     assert cli.main(["validate", "--model", "tiny-gpt2", "--mesh", "xp=2"]) == 1
     assert "unknown mesh axis" in capsys.readouterr().err
     assert cli.main(["validate", "--model", "no-such-model", "--mesh", "tp=2"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "Traceback" not in err  # the rank's error, not its stack
 
 
 def test_validate_on_the_local_preset_predicts_every_collective_byte_exactly(tmp_path):

@@ -7,6 +7,7 @@ after three optimizer steps are compared with an unparallelized copy of the same
 from __future__ import annotations
 
 import copy
+import fnmatch
 import os
 
 import pytest
@@ -46,7 +47,7 @@ def _param_tolerance(name) -> float:
     return 1e-6 if name in ZERO_GRAD_MODELS else 0.02 * LR
 
 
-def _check_models(rank, world, axes, names):
+def _check_models(rank, world, axes, names, pins=None):
     import autopar
     from models import build, logits, rel_err
 
@@ -54,7 +55,8 @@ def _check_models(rank, world, axes, names):
     for name in names:
         model, inputs = build(name)
         ref = copy.deepcopy(model)
-        pm = autopar.compile(model, autopar.Mesh(axes, hardware=SHARDING_PRESET), example_inputs=inputs)
+        pm = autopar.compile(model, autopar.Mesh(axes, hardware=SHARDING_PRESET), example_inputs=inputs,
+                             pins=(pins or {}).get(name))
         ref_opt, opt = _optimizer(name, ref.parameters()), _optimizer(name, pm.parameters())
         errs = {"out": 0.0, "grad": 0.0, "param": 0.0}
         for step in range(3):
@@ -111,3 +113,21 @@ def test_convnet_and_a_custom_module(axes):
         assert rep["errs"]["out"] < 1e-4 and rep["errs"]["grad"] < 1e-4, (name, rep["errs"])
         assert rep["errs"]["param"] < _param_tolerance(name), (name, rep["errs"])
         assert rep["fixups"] == []
+
+
+# Layouts the solver would not pick, forced with pins: row-parallel weights feeding each other,
+# column-parallel output projections. They must still compute the single-device model.
+PINNED = {"gpt": {"blocks.*.fc*.weight": "S(1)", "blocks.*.qkv.weight": "S(1)", "blocks.*.proj.weight": "S(0)"},
+          "hf_llama": {"model.layers.*.mlp.*_proj.weight": "S(1)", "model.layers.*.self_attn.o_proj.weight": "S(0)"}}
+
+
+def test_pinned_layouts_match_single_device():
+    reports = run_ranks(_check_models, 2, {"tp": 2}, list(PINNED), PINNED)
+    for name, pins in PINNED.items():
+        rep = reports[0][name]
+        assert rep["errs"]["out"] < 1e-4 and rep["errs"]["grad"] < 1e-4, (name, rep["errs"])
+        assert rep["errs"]["param"] < _param_tolerance(name), (name, rep["errs"])
+        assert rep["fixups"] == [], (name, rep["fixups"])
+        for fqn, pl in rep["placements"].items():
+            want = next((v for k, v in pins.items() if fnmatch.fnmatchcase(fqn, k)), None)
+            assert want is None or pl["tp"] == want, (name, fqn, pl)
