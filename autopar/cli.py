@@ -851,7 +851,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--collectives: time each call alone after this much compute and keep the median, as a "
                         "training step meets them (default 0: the fastest of back-to-back bursts)")
     p.add_argument("--rounds", type=int, default=10,
-                   help="--collectives: interleaved rounds over all sizes; the fastest burst is kept (default: 10)")
+                   help="--collectives: interleaved rounds over all sizes; the fastest burst is kept, or with --gap-ms the "
+                        "median of the single calls (default: 10)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("validate", help="plan a model, run it on local ranks, compare predicted with measured",

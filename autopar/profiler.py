@@ -9,6 +9,7 @@ and saves the cache (cost_models/profile.py says what is in it and how the plann
 
 from __future__ import annotations
 
+import statistics
 import time
 
 
@@ -64,8 +65,6 @@ def _collective_overhead(rank, world, repeats: int) -> tuple[float, float]:
     of that all-reduce; at 64 KiB and 1 MiB, a line through the two. On hosts whose communication
     threads sleep while a rank computes, this is most of what a collective costs a step, and far
     more than a back-to-back benchmark shows."""
-    import statistics
-
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate
@@ -119,8 +118,6 @@ def profile_model(model: str, mesh: dict, *, mode: str = "train", batch: int | N
         if refresh or "collective_s_ranks" not in prof.overhead:
             if verbose:
                 print("measuring what a collective costs a step on 2 ranks ...", flush=True)
-            import statistics
-
             runs = [run_local(_collective_overhead, 2, repeats)[0] for _ in range(3)]  # a noisy host: median of 3
             prof.overhead["collective_s"] = statistics.median(a for a, _ in runs)
             prof.overhead["collective_s_per_byte"] = statistics.median(b for _, b in runs)

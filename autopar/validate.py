@@ -11,9 +11,25 @@ import statistics
 import time
 
 
-def _on_rank(rank, world, spec: dict) -> dict:
+def step_time(step, steps: int) -> float:
+    """The median of ``steps`` timed calls of ``step`` (each after a barrier), on the slowest rank:
+    a step ends when its slowest rank does. Every rank must call it."""
     import torch
     import torch.distributed as dist
+
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return float(slowest)
+
+
+def _on_rank(rank, world, spec: dict) -> dict:
+    import torch
     import torch.utils._pytree as pytree
 
     from . import models
@@ -42,20 +58,10 @@ def _on_rank(rank, world, spec: dict) -> dict:
     step()  # warm-up
     with CollectiveCounter() as counter:
         step()
-    best = float("inf")
-    for _ in range(spec["rounds"]):  # noise only ever slows a step: keep the best round's median
-        times = []
-        for _ in range(spec["steps"]):
-            dist.barrier()
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank does
-        best = min(best, float(slowest))
-    slowest = best
+    # noise only ever slows a step: keep the best round's median
+    slowest = min(step_time(step, spec["steps"]) for _ in range(spec["rounds"]))
     return {"predicted_s": pm.plan.step_time_s, "measured_s": slowest, "breakdown": pm.plan.time_breakdown,
-            "classes": {"predicted": predicted_classes(pm.plan), "measured": _measured_classes(step, float(slowest))},
+            "classes": {"predicted": predicted_classes(pm.plan), "measured": _measured_classes(step, slowest)},
             "predicted_bytes": predicted_bytes(pm.plan), "measured_bytes": dict(counter.bytes),
             "plan": pm.plan.to_json()}
 
@@ -115,12 +121,11 @@ def _measured_classes(step, step_s: float) -> dict:
 def predicted_classes(plan) -> dict:
     """The plan's predicted step, split into the same classes (collectives: comm and optimizer)."""
     from .cost_models.profile import op_class
-    from .passes.strategies import VIEW_OPS
 
     out = dict.fromkeys(CLASSES, 0.0)
     for n in plan.nodes:
         if n["kind"] == "op":
-            out["view" if n["op"] in VIEW_OPS else op_class(n["op"])] += n["compute_s"]
+            out[op_class(n["op"])] += n["compute_s"]
         elif n["kind"] == "param":
             out["optimizer"] += n["compute_s"]
     b = plan.time_breakdown

@@ -28,26 +28,12 @@ PRESET = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "compute
 
 
 def _measure(rank, world, name, axes):
-    import torch
-    from torch.distributed.tensor import DTensor
-
     import autopar
-    from models import build, logits
+    from models import build, saved_activation_bytes
 
     model, inputs = build(name)
     pm = autopar.compile(model, autopar.Mesh(axes, hardware=PRESET), example_inputs=inputs)
-    params = {p.to_local().untyped_storage().data_ptr() for p in pm.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits(pm(*inputs))
-    return sum(saved.values()), pm.plan.memory["activations"]
+    return saved_activation_bytes(pm, inputs), pm.plan.memory["activations"]
 
 
 def main():

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -37,11 +35,11 @@ PLANS = [  # label, mesh, pins
 
 def _measure(rank, world, model_spec, plan_docs, rounds, steps):
     import torch
-    import torch.distributed as dist
 
     import autopar
     from autopar import models
     from autopar.plan import Plan
+    from autopar.validate import step_time
 
     runs = []
     for doc in plan_docs:
@@ -60,15 +58,7 @@ def _measure(rank, world, model_spec, plan_docs, rounds, steps):
     best = [float("inf")] * len(runs)
     for _ in range(rounds):
         for i, step in enumerate(runs):
-            times = []
-            for _ in range(steps):
-                dist.barrier()
-                t0 = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t0)
-            t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            best[i] = min(best[i], float(t))
+            best[i] = min(best[i], step_time(step, steps))
     return best
 
 

@@ -104,6 +104,25 @@ def logits(out):
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def saved_activation_bytes(pm, inputs) -> int:
+    """Bytes of the distinct storages autograd saves in one forward of ``pm``, parameters excluded
+    (the CPU stand-in for torch.cuda.max_memory_allocated)."""
+    from torch.distributed.tensor import DTensor
+
+    params = {p.to_local().untyped_storage().data_ptr() for p in pm.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits(pm(*inputs))
+    return sum(saved.values())
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Error relative to the reference tensor's scale, with a floor for near-zero tensors
     (gradients that are mathematically zero are rounding noise; see FACTS.md)."""

@@ -94,16 +94,14 @@ LABEL_OPS = False  # set by autopar validate: label each node's work in torch.pr
 
 
 def node_class(n: fx.Node) -> str:
-    """Cost class of a lowered node: comm for redistributions, else its op's class (or view)."""
+    """Cost class of a lowered node: comm for redistributions, view for checks, else its op's class."""
     from ..cost_models.profile import op_class
-    from ..passes.strategies import VIEW_OPS
 
     if n.target in (L.redistribute, L.from_full, L.to_full):
         return "comm"
-    target = n.args[0] if n.target is L.local_call else n.target
-    if n.target is L.check or str(target) in VIEW_OPS or str(target) == "aten.reshape.default":
+    if n.target is L.check:
         return "view"
-    return op_class(str(target))
+    return op_class(str(n.args[0] if n.target is L.local_call else n.target))
 
 
 class _ContiguousGrad(torch.autograd.Function):

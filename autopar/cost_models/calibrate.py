@@ -367,7 +367,7 @@ def calibrated_preset(base: Hardware, fits: dict, *, notes: str = "", replace: t
         f"Links calibrated {stamp} by `autopar profile --collectives` from base preset {base.name!r}: "
         "minimax-relative-error LP fit (GLOP) of t = k_a*alpha + k_b*S/bw (comm.collective_time's ring factors), "
         "one line per size regime where one line is off by more than 10% (at most 3 regimes of >= 3 sizes), "
-        "to the max over ranks of each rank's fastest burst of back-to-back calls of each collective; "
+        "to the max over ranks of each size's measured time (how it was measured follows); "
         f"{', '.join(replace)} = the all_reduce fit for the largest messages; per-collective fits under \"collectives\" "
         f"(max relative error of each fit: {', '.join(f'{op} {e:.1%}' for op, (_, e) in fits.items())})."
     )

@@ -19,7 +19,8 @@ The cost of op v on its local shards x, in seconds per step, is then
 
 plus ``o_op`` for every op the per-rank program runs (views included), ``o_param`` for every
 trainable parameter and ``a + b·bytes`` for every collective it issues (on top of the link's
-α-β time; measured on 2 ranks after compute, as a step issues them: ``profiler.py``). ``f`` is 1 + bwd/fwd in training, 1 in inference. The per-class base
+α-β time; measured on 2 ranks after compute, as a step issues them: ``profiler.py``). ``f`` is
+1 + bwd/fwd in training, 1 in inference. The per-class base
 ``b_c`` and efficiency ``e_c`` are fitted over the profiled forward times of class c by least
 squares on relative error: min Σ_i ((b_c + e_c·r_i − t_i) / t_i)², b_c, e_c ≥ 0.
 """
@@ -41,9 +42,13 @@ CLASSES = ("matmul", "attention", "conv", "reduction", "pointwise")
 
 
 def op_class(name: str) -> str:
-    """Cost class of an op for the efficiency fit: matmul, attention, conv, reduction or pointwise."""
+    """Cost class of an op: view (no work, only dispatch), or for the efficiency fit matmul,
+    attention, conv, reduction or pointwise."""
+    from ..passes.strategies import VIEW_OPS
     from .compute import _CONV, _MATMULS, _REDUCTIONS, _SDPA, op_name
 
+    if str(name) in VIEW_OPS:
+        return "view"
     n = op_name(name)
     base = n.removesuffix("_backward")
     if n in _MATMULS:
@@ -92,7 +97,7 @@ class OpProfile:
     torch: str
     threads: int
     ops: dict = field(default_factory=dict)
-    overhead: dict = field(default_factory=dict)  # op_fwd_s, op_train_s, param_s
+    overhead: dict = field(default_factory=dict)  # op_fwd_s, op_train_s, param_s, step_s, collective_s...
     efficiency: dict = field(default_factory=dict)  # class -> {"base_s", "eff", "n"}
     failed: dict = field(default_factory=dict)  # key -> why it could not be timed
     path: str = ""
@@ -150,8 +155,9 @@ def op_call(node, in_shapes: list, grad_mask: tuple, dtensor: bool) -> tuple[str
     ``dtensor``: the runtime calls the op on DTensors (not on local shards, as for autopar's own
     rules), so it is timed through DTensor's dispatch. Views are timed on their global shapes:
     their constant arguments are global sizes, and their cost is the dispatch, not the size.
-    The recipe is plain data: the op, each tensor input's shape and dtype, which inputs need a
-    gradient, and the arguments with tensors replaced by their index.
+    The recipe holds the op, each tensor input's shape and dtype, which inputs need a gradient,
+    and the flattened arguments with the tensors' slots (rebuilt with the pytree spec); the key
+    is plain data.
     """
     import torch
     import torch.fx as fx
@@ -164,58 +170,36 @@ def op_call(node, in_shapes: list, grad_mask: tuple, dtensor: bool) -> tuple[str
     if str(node.target) in VIEW_OPS:
         in_shapes = [tuple(a.meta["val"].shape) for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
     leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
-    template, dtypes, k = [], [], 0
-    for leaf in leaves:
+    consts, slots, dtypes = [], [], []
+    for i, leaf in enumerate(leaves):
         if isinstance(leaf, fx.Node):
             val = leaf.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 return None  # a symbolic int or a non-tensor value
-            template.append({"t": k})
+            slots.append(i)
+            consts.append(None)
             dtypes.append(str(val.dtype).removeprefix("torch."))
-            k += 1
-        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
-            template.append({"c": leaf})
-        elif isinstance(leaf, torch.dtype):
-            template.append({"dtype": str(leaf).removeprefix("torch.")})
+        elif leaf is None or isinstance(leaf, (bool, int, float, str, torch.dtype)):
+            consts.append(leaf)
         else:
             return None  # devices, layouts, memory formats: leave to the roofline
-    if k == 0 or k != len(in_shapes):
+    if not slots or len(slots) != len(in_shapes):
         return None
     recipe = {"op": str(node.target), "shapes": [list(s) for s in in_shapes], "dtypes": dtypes,
-              "grad": list(grad_mask), "args": template, "tree": _spec_str(spec, node), "dtensor": dtensor}
-    key = json.dumps([recipe["op"], recipe["shapes"], dtypes, recipe["grad"],
-                      [a.get("c", a.get("dtype")) for a in template], dtensor], separators=(",", ":"))
+              "grad": list(grad_mask), "leaves": consts, "slots": slots, "spec": spec, "dtensor": dtensor}
+    described = [str(c).removeprefix("torch.") if isinstance(c, torch.dtype) else c for c in consts]
+    key = json.dumps([recipe["op"], recipe["shapes"], dtypes, recipe["grad"], described, dtensor], separators=(",", ":"))
     return key, recipe
-
-
-def _spec_str(spec, node) -> list:
-    """How to rebuild (args, kwargs) from the flat leaves: the lengths of the arg lists, as data."""
-    import torch.utils._pytree as pytree
-
-    def n(a):  # -1: one leaf, else a list of that many leaves
-        return len(pytree.tree_leaves(a)) if isinstance(a, (list, tuple)) else -1
-
-    return [[n(a) for a in node.args], [[k, n(v)] for k, v in node.kwargs.items()]]  # dicts flatten in order
 
 
 def _rebuild(recipe: dict, tensors: list):
     """(args, kwargs) for the recipe, tensors substituted in."""
-    import torch
+    import torch.utils._pytree as pytree
 
-    leaves = []
-    for a in recipe["args"]:
-        if "t" in a:
-            leaves.append(tensors[a["t"]])
-        elif "dtype" in a:
-            leaves.append(getattr(torch, a["dtype"]))
-        else:
-            leaves.append(a["c"])
-    arg_lens, kw_lens = recipe["tree"]
-    values, i = [], 0
-    for n in list(arg_lens) + [n for _, n in kw_lens]:
-        values.append(leaves[i] if n < 0 else list(leaves[i:i + n]))
-        i += 1 if n < 0 else n
-    return values[:len(arg_lens)], {k: v for (k, _), v in zip(kw_lens, values[len(arg_lens):])}
+    leaves = list(recipe["leaves"])
+    for k, i in enumerate(recipe["slots"]):
+        leaves[i] = tensors[k]
+    return pytree.tree_unflatten(leaves, recipe["spec"])
 
 
 def _resolve(op: str):
@@ -338,9 +322,9 @@ def measure_overheads(sizes: tuple[int, ...] = (8, 24, 40), repeats: int = 7) ->
     ``op_train_s`` of forward+backward, both less the same slope of an eager chain of DTensor
     ops (the ops and their dispatch, which the profile times), so what is left is the program's
     own per-node cost; ``param_s`` of forward+backward+AdamW step in the number
-    of parameters, less the one op each parameter adds; ``collective_s`` of forward+backward
-    redistribution round trips, per collective issued (forward or backward); ``step_s`` the
-    intercept of the parameter chains, a step's fixed cost.
+    of parameters, less the one op each parameter adds; ``step_s`` the intercept of the
+    parameter chains, a step's fixed cost. (The per-collective cost needs 2 ranks:
+    ``profiler._collective_overhead``.)
     """
     import torch
 
@@ -396,26 +380,10 @@ def measure_overheads(sizes: tuple[int, ...] = (8, 24, 40), repeats: int = 7) ->
     op_train = max(0.0, slope(ops[:, 1]) - slope(ref[:, 1]))
     params = np.array([timed(0, n) for n in sizes])
     param = max(0.0, slope(params[:, 2]) - slope(ops[:, 1]))
-
-    def redistributions(n):  # n round trips Shard(0) -> Replicate -> Shard(0): 2n collectives each way
-        from torch.distributed.tensor import Shard
-
-        xs = distribute_tensor(x.clone(), mesh, [Shard(0)]).requires_grad_()
-
-        def chain():
-            y = xs
-            for _ in range(n):
-                y = y.redistribute(mesh, [Replicate()]).redistribute(mesh, [Shard(0)])
-            y.to_local().sum().backward()
-
-        return _median_time(chain, repeats, 5e-3)
-
-    # forward + backward, per collective: the DTensor redistribute path, with a 1-rank collective
-    coll = max(0.0, slope([redistributions(n) for n in sizes]) / 4)
     # what a step costs with no op and no parameter: entering the program, starting backward, the
     # optimizer's own fixed work
     step = max(0.0, slope(params[:, 2], 1))
-    return {"op_fwd_s": op_fwd, "op_train_s": op_train, "param_s": param, "collective_s": coll, "step_s": step}
+    return {"op_fwd_s": op_fwd, "op_train_s": op_train, "param_s": param, "step_s": step}
 
 
 # ---- fitting -------------------------------------------------------------------------------------

@@ -306,8 +306,14 @@ def _apply_pins(pins: dict, tg: TracedGraph, axes: dict, nodes, kind, strategies
     from ..errors import AutoparError
     from ..placements import parse
 
+    if not isinstance(pins, dict):
+        raise AutoparError(f"pins must be a dict of pattern to placement, e.g. {{'blocks.*.fc1.weight': 'S(0)'}}; "
+                           f"got {type(pins).__name__}")
     want = {}
     for pattern, spec in pins.items():
+        if not isinstance(pattern, str) or not isinstance(spec, (str, dict)):
+            raise AutoparError(f"pin {pattern!r}: a pattern (str) maps to a placement string such as 'S(0)' or a "
+                               f"dict {{axis: placement}}; got {spec!r}")
         try:
             if isinstance(spec, str):
                 parts = _split_placements(spec)
@@ -381,7 +387,7 @@ def _op_time(node, s: Strategy, ctx: CostContext, train: bool, grad_mask: tuple,
         if call is None:
             return ovh
         if ctx.collect:
-            ctx.wanted[call[0]] = {"recipe": call[1], "class": "view", "roofline_s": 0.0}
+            ctx.wanted[call[0]] = {"recipe": call[1], "class": op_class(name), "roofline_s": 0.0}
         t = ctx.profile.time(call[0], train) if ctx.profile is not None else None
         return ovh + (t or 0.0)
     ins = [a.meta["val"] for a in tensor_inputs(node)]

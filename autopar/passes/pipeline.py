@@ -8,8 +8,8 @@ last (final norm, head) joins the last block; a parameter goes with the first op
 Per layer i, with the intra-op plan's costs and m microbatches (the planner's costs are for the
 whole batch; compute and activation traffic split over microbatches, parameter work does not):
 
-    t[i] = (Σ compute of its ops + Σ its forward/backward collectives) / m  +  its optimizer work
-           and gradient sync spread over the m microbatches (paid once per step)
+    t[i] = (Σ compute of its ops + Σ its collectives + its optimizer work) / m   (the optimizer
+           and gradient sync, paid once per step, spread over the m microbatches)
     c[i] = 2 · send_recv(bytes crossing the cut after layer i / m)          (activation + gradient)
     w[i] = Σ memory of its parameters and buffers
     a[i] = Σ activation memory of its ops / m
@@ -66,26 +66,25 @@ def layer_index(tg) -> tuple[str, dict[str, int]]:
     return container, layer
 
 
-def stage_arrays(tg, plan, link, m: int) -> tuple[list, list, list, list, list]:
-    """(names, t, c, w, a) per layer for ``m`` microbatches; ``link`` prices the stage-to-stage sends."""
+def layer_totals(tg, plan) -> tuple[list, list, list, list, list]:
+    """(names, work, cut, w, act) per layer for the whole batch: seconds of its ops, collectives
+    and optimizer work; bytes crossing the cut after it; bytes of its state; activation bytes."""
     container, layer = layer_index(tg)
     n = max(layer.values()) + 1
-    per_mb, per_step, w, a = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    work, w, act = [0.0] * n, [0.0] * n, [0.0] * n
     for node in plan.nodes:
         i = layer.get(node["name"])
         if i is None:
             continue
+        work[i] += node["compute_s"]
         if node["kind"] == "op":
-            per_mb[i] += node["compute_s"]
-            a[i] += node["memory_bytes"] / m
+            act[i] += node["memory_bytes"]
         elif node["kind"] in ("param", "buffer"):
-            per_step[i] += node["compute_s"]
             w[i] += node["memory_bytes"]
     for col in plan.collectives:
         i = layer.get(col["node"])
         if i is not None:
-            (per_step if col["phase"] == "grad_sync" else per_mb)[i] += col["time_s"]
-    t = [per_mb[i] / m + per_step[i] / m for i in range(n)]
+            work[i] += col["time_s"]
     placement = {nd["name"]: nd.get("placements") for nd in plan.nodes}
     axes = list(plan.mesh)
     sizes = tuple(plan.mesh.values())
@@ -100,37 +99,53 @@ def stage_arrays(tg, plan, link, m: int) -> tuple[list, list, list, list, list]:
         shape = tuple(val.shape)
         if isinstance(pl, dict):
             shape = local_shape(shape, tuple(parse(pl[ax]) for ax in axes), sizes)
-        nbytes = math.prod(shape) * val.element_size() / m
         for k in range(src, last):  # the tensor is sent across every cut between producer and last reader
-            cut[k] += nbytes
-    c = [2.0 * collective_time("send_recv", b, 2, link) for b in cut]
-    return [f"{container}.{k}" for k in range(n)], t, c, w, a
+            cut[k] += math.prod(shape) * val.element_size()
+    return [f"{container}.{k}" for k in range(n)], work, cut, w, act
+
+
+def per_microbatch(totals, link, m: int) -> tuple[list, list, list, list]:
+    """(t, c, w, a) of the module docstring for ``m`` microbatches, from :func:`layer_totals`."""
+    _, work, cut, w, act = totals
+    return ([x / m for x in work], [2.0 * collective_time("send_recv", b / m, 2, link) for b in cut], list(w),
+            [x / m for x in act])
+
+
+def stage_arrays(tg, plan, link, m: int) -> tuple[list, list, list, list, list]:
+    """(names, t, c, w, a) per layer for ``m`` microbatches; ``link`` prices the stage-to-stage sends."""
+    totals = layer_totals(tg, plan)
+    return (totals[0], *per_microbatch(totals, link, m))
 
 
 def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=(1, 2, 4, 8), schedules=("1f1b", "gpipe"),
-                  memory_limit_bytes: float | None = None, **options):
+                  memory_limit_bytes: float | None = None, mode: str = "train", example_kwargs: dict | None = None,
+                  time_limit_s: float = 20.0, **options):
     """Plan ``model`` for ``pp`` pipeline stages over ``mesh`` (the other axes): (intra-op plan,
     StagePlan, layer names).
 
     The batch must divide into each candidate microbatch count; the others are skipped.
     """
-    from ..api import plan as intra_plan
+    from ..api import _trainable, plan_traced
     from ..cost_models.comm import axis_links
     from ..solvers.inter_op import choose_pipeline
     from .trace import trace
 
-    inner = intra_plan(model, mesh, example_inputs, **options)
-    tg = trace(model, example_inputs)
+    options.setdefault("progress", lambda msg: None)
+    tg = trace(model, example_inputs, example_kwargs)
+    options["progress"](f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes")
+    inner = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=None,
+                        trainable=_trainable(model), **options)
     hw = mesh.hardware_spec
     # stages are whole nodes' worth of devices apart when pp is the outermost axis and the inner
     # axes fill a node; otherwise neighbours share a node
     link = hw.inter_node if mesh.size >= hw.devices_per_node else axis_links({"pp": pp}, hw)["pp"]
-    batch = next(t.shape[0] for t in example_inputs if isinstance(t, torch.Tensor))
-    arrays = {m: stage_arrays(tg, inner, link, m) for m in microbatches if batch % m == 0}
-    if not arrays:
+    batch = next((t.shape[0] for t in example_inputs if isinstance(t, torch.Tensor) and t.dim()), None)
+    counts = [m for m in microbatches if batch is not None and batch % m == 0]
+    if not counts:
         raise AutoparError(f"batch {batch} divides into none of the microbatch counts {tuple(microbatches)}")
-    names = arrays[min(arrays)][0]
+    totals = layer_totals(tg, inner)
+    names = totals[0]
     if pp > len(names):
         raise AutoparError(f"pp={pp} stages need at least {pp} layers; the model has {len(names)} ({names[0]} ...)")
     limit = memory_limit_bytes if memory_limit_bytes is not None else hw.memory_capacity_bytes
-    return inner, choose_pipeline({m: a[1:] for m, a in arrays.items()}, pp, schedules, limit), names
+    return inner, choose_pipeline({m: per_microbatch(totals, link, m) for m in counts}, pp, schedules, limit), names

@@ -34,7 +34,7 @@ def test_recipes_rebuild_the_traced_call_on_local_shapes():
         t = P.time_recipe(recipe, repeats=3, min_sample_s=1e-4)
         assert 0 < t["fwd_s"] <= t["train_s"]
     # every key is distinct data: local shapes differ between a sharded and a replicated strategy
-    assert len(wanted) == len({json.dumps(w["recipe"], sort_keys=True) for w in wanted.values()})
+    assert len(wanted) == len({json.dumps(w["recipe"], sort_keys=True, default=str) for w in wanted.values()})
 
 
 def test_efficiency_fit_recovers_base_and_slope():
@@ -113,3 +113,9 @@ def test_pins_fix_placements_and_bad_pins_say_why():
         autopar.plan(model, mesh, inputs, pins={"fc1.weight": "R,R"})
     with pytest.raises(AutoparError, match="unknown mesh axis"):
         autopar.plan(model, mesh, inputs, pins={"fc1.weight": {"dp": "R"}})
+    with pytest.raises(AutoparError, match="pins must be a dict"):
+        autopar.plan(model, mesh, inputs, pins=["fc1.weight"])
+    with pytest.raises(AutoparError, match="maps to a placement string"):
+        autopar.plan(model, mesh, inputs, pins={"fc1.weight": 5})
+    with pytest.raises(AutoparError, match="op_profile must be"):
+        autopar.plan(model, mesh, inputs, op_profile=5)

@@ -64,26 +64,13 @@ def test_saved_tensors_are_read_off_autograd():
 
 
 def _measure(rank, world):
-    from torch.distributed.tensor import DTensor
-
-    from models import build, logits
+    from models import build, saved_activation_bytes
 
     out = {}
     for axes in ({"tp": 2}, {"dp": 2}):
         model, inputs = build("gpt")
         pm = autopar.compile(model, autopar.Mesh(axes, hardware=PRESET), example_inputs=inputs, time_limit_s=2)
-        params = {p.to_local().untyped_storage().data_ptr() for p in pm.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(t):
-            storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
-            if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits(pm(*inputs))
-        out[str(axes)] = sum(saved.values()), pm.plan.memory["activations"]
+        out[str(axes)] = saved_activation_bytes(pm, inputs), pm.plan.memory["activations"]
     return out
 
 
