@@ -161,6 +161,10 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
         raise AutoparError(
             f"parameters {meta[:3]}{'...' if len(meta) > 3 else ''} are on the meta device; autopar.compile runs the "
             "model, so materialize it first (or use autopar.plan to plan without running)")
+    if "pp" in mesh.axes:
+        return _compile_pipelined(model, mesh, device_mesh, example_inputs, example_kwargs, plan, mode=mode,
+                                  time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=progress,
+                                  op_profile=op_profile, pins=pins, optimizer=optimizer)
     tg = trace(model, example_inputs, example_kwargs)
     if plan is None:
         plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
@@ -174,6 +178,52 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
     ctx = CostContext(mesh.axes, mesh.hardware_spec)
     lowered = lower(tg, plan, ctx.collectives)
     return ParallelModule(model, plan, tg, lowered, device_mesh)
+
+
+def _compile_pipelined(model, mesh: Mesh, device_mesh, example_inputs, example_kwargs, plan, **options):
+    """A mesh with "pp": plan (or check) the pipeline, trace one microbatch, lower it with the
+    plan's layout on the other axes and cut it into stages (codegen/pipeline.py)."""
+    import dataclasses
+
+    import torch
+    import torch.utils._pytree as pytree
+
+    from .codegen.lower import lower
+    from .codegen.pipeline import PipelinedModule, check_microbatches, split_stages
+    from .passes.annotate import CostContext
+    from .passes.pipeline import layer_index
+    from .passes.trace import trace
+    from .plan import check_graph_hash
+
+    if plan is None:
+        plan = globals()["plan"](model, mesh, example_inputs, example_kwargs=example_kwargs, **options)
+    else:
+        check_graph_hash(plan, trace(model, example_inputs, example_kwargs).graph_hash)
+        if dict(plan.mesh) != dict(mesh.axes):
+            raise PlanError(f"the plan is for mesh {plan.mesh}, not {mesh.axes}", "$.mesh")
+        if not plan.pipeline:
+            raise PlanError("the plan has a 'pp' axis but no pipeline stages; plan it again with autopar.plan", "$.pipeline")
+    _check_same_plan_everywhere(plan)
+    m = int(plan.pipeline["microbatches"])
+    inner = {a: n for a, n in plan.mesh.items() if a != "pp"} or {"tp": 1}
+    check_microbatches(pytree.tree_leaves((example_inputs, example_kwargs)), m, inner.get("dp", 1))
+    micro = pytree.tree_map_only(torch.Tensor, lambda t: t[: t.shape[0] // m] if t.dim() else t,
+                                 (tuple(example_inputs), example_kwargs))
+    tg = trace(model, *micro)  # the stages run one microbatch at a time
+    try:
+        lowered = lower(tg, dataclasses.replace(plan, mesh=inner), CostContext(inner, mesh.hardware_spec).collectives)
+    except KeyError as exc:
+        raise PlanError(f"the plan has no layout for node {exc}: one microbatch traces to another graph than the whole "
+                        "batch did; plan with other microbatch counts", "$.nodes") from None
+    _, layer = layer_index(tg)
+    stage_of_layer = {i: k for k, (a, b) in enumerate(plan.pipeline["bounds"]) for i in range(a, b)}
+    n_stages = len(plan.pipeline["bounds"])
+
+    def stage_of(origin):
+        return n_stages - 1 if origin == "output" else stage_of_layer.get(layer.get(origin, 0), 0)
+
+    programs = split_stages(lowered, tg, stage_of, n_stages)
+    return PipelinedModule(model, plan, tg, lowered, device_mesh, programs)
 
 
 def _check_same_plan_everywhere(plan) -> None:

@@ -303,11 +303,123 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
         rows = [[str(s), f"{pipe['layers'][a]}..{pipe['layers'][b - 1]}", str(b - a), format_seconds(t), format_bytes(m)]
                 for s, ((a, b), t, m) in enumerate(zip(pipe["bounds"], pipe["stage_times_s"], pipe["stage_memory_bytes"]))]
         notes = [f"{pipe['schedule']}, {pipe['microbatches']} microbatches; predicted bubble {pipe['bubble']:.1%} "
-                 f"against the analytic (p-1)/m = {pipe['analytic_bubble']:.1%} (equal when stages are balanced)"]
-        sections.append(Section("Pipeline stages (planned; not executed yet)",
+                 f"against the analytic {_bubble_formula(pipe['schedule'])} = {pipe['analytic_bubble']:.1%} "
+                 "(equal when stages are balanced)"]
+        sections.append(Section("Pipeline stages",
                                  ["stage", "layers", "count", "time per microbatch", "memory"], rows, right={2, 3, 4}, notes=notes))
+        timeline, summary = pipeline_timeline(pipe)
+        notes = [summary] + (_timeline_text(timeline) if timeline is not None else [])
+        sections.append(Section(SCHEDULE_TITLE, [], [], notes=notes))
     sections.append(Section(f"Warnings ({len(plan.warnings)})", [], [], notes=[f"- {w}" for w in plan.warnings] or ["(none)"]))
     return sections
+
+
+# ---- pipeline schedule -------------------------------------------------------------------------
+
+SCHEDULE_TITLE = "Pipeline schedule"
+TIMELINE_COLUMNS = 100
+_PASSES = (("F", "forward", "0123456789", "#4878a8"), ("B", "backward", "abcdefghij", "#e0883c"),
+           ("W", "weight gradient", "ABCDEFGHIJ", "#6aa84f"))  # kind, name, text marks by microbatch mod 10, colour
+_MARKS = {k: marks for k, _, marks, _ in _PASSES}
+_COLOURS = {k: colour for k, _, _, colour in _PASSES}
+
+
+def _bubble_formula(schedule: str) -> str:
+    return "(p-1)/(m*v)" if schedule == "interleaved-1f1b" else "(p-1)/m"
+
+
+def pipeline_timeline(pipe: dict) -> tuple[Any, str]:
+    """The plan's pipeline simulated pass by pass (:mod:`autopar.solvers.schedule`) and a line that
+    sums it up, or ``(None, why not)``.
+
+    Stage s takes τ_s per microbatch (``stage_times_s``: forward + backward, the send to the next
+    stage included, so the simulation adds no transfer): forward f_s = ``stage_forward_s[s]``, else
+    τ_s/3; backward τ_s − f_s, which zb-h1 halves into B and W. ``virtual_stages`` v (default 1):
+    the stage times are per global stage, p·v of them.
+    """
+    from .solvers.schedule import analytic_bubble, simulate
+
+    schedule, m = str(pipe.get("schedule")), int(pipe.get("microbatches") or 0)
+    taus = [float(t) for t in pipe.get("stage_times_s") or []]
+    v = int(pipe.get("virtual_stages") or 1)
+    try:
+        if v < 1 or not taus or len(taus) % v:
+            raise ValueError(f"{len(taus)} stage times do not make {v} stages on each rank")
+        p = len(taus) // v
+        fwd = [float(x) for x in pipe.get("stage_forward_s") or [t / 3 for t in taus]]
+        if len(fwd) != len(taus):
+            raise ValueError(f"{len(fwd)} forward times for {len(taus)} stages")
+        back = [t - x for t, x in zip(taus, fwd)]
+        if schedule == "zb-h1":
+            timeline = simulate(schedule, p, m, v, f=fwd, b=[x / 2 for x in back], w=[x / 2 for x in back])
+        else:
+            timeline = simulate(schedule, p, m, v, f=fwd, b=back)
+    except ValueError as e:
+        return None, f"no timeline: {e}"
+    bound = ", an upper bound for zb-h1" if schedule == "zb-h1" else ""
+    chunks = f" x {v} stages each" if v > 1 else ""
+    return timeline, (f"{schedule} on {p} ranks{chunks}, {m} microbatches: simulated step "
+                      f"{format_seconds(timeline.makespan)}, bubble {timeline.bubble:.1%} against the analytic "
+                      f"{_bubble_formula(schedule)} = {analytic_bubble(schedule, p, m, v):.1%}{bound}")
+
+
+def _timeline_text(timeline, width: int = TIMELINE_COLUMNS) -> list[str]:
+    """A legend, one row of ``width`` columns per rank, and a time axis. A column shows the pass
+    that covers most of it (its microbatch, mod 10, in that kind's marks), or '.' where the rank
+    idles for at least half of it. Plain characters only: it reads without colour."""
+    dt = timeline.makespan / width if timeline.makespan > 0 else 1.0
+    label = len(f"rank {timeline.p - 1}")
+    kinds = "FBW" if any(e.kind == "W" for e in timeline.events) else "FB"
+    legend = ", ".join(f"{name} {marks[0]}-{marks[-1]}" for k, name, marks, _ in _PASSES if k in kinds)
+    lines = [f"{legend}: the microbatch (mod 10); '.' idle; one column = {format_seconds(dt)}"]
+    for r in range(timeline.p):
+        events = timeline.rank_events(r)
+        cells = []
+        for j in range(width):
+            lo, hi = j * dt, (j + 1) * dt
+            cover = [(min(hi, e.end) - max(lo, e.start), e) for e in events if e.end > lo and e.start < hi]
+            if sum(x for x, _ in cover) < dt / 2:
+                cells.append(".")
+            else:
+                e = max(cover, key=lambda xe: xe[0])[1]
+                cells.append(_MARKS[e.kind][e.microbatch % 10])
+        lines.append(f"{f'rank {r}':<{label}} |{''.join(cells)}|")
+    lines.append(" " * (label + 1) + "0" + format_seconds(timeline.makespan).rjust(width + 1))
+    return lines
+
+
+def _svg_schedule(timeline) -> str:
+    """A Gantt chart of the simulated schedule: one row per rank, one rect per pass coloured by its
+    kind, each with a tooltip naming its stage, microbatch, kind and times."""
+    label_w, plot_w, row_h = 70, 840, 24
+    scale = plot_w / timeline.makespan if timeline.makespan > 0 else 0.0
+    axis_y = 4 + row_h * timeline.p
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 80}" height="{axis_y + 44}" role="img">']
+    for r in range(timeline.p):
+        y = 4 + r * row_h
+        out.append(f'<text x="0" y="{y + 16}" font-size="13">rank {r}</text>')
+        out.append(f'<rect x="{label_w}" y="{y + 2}" width="{plot_w}" height="{row_h - 4}" fill="#f2f2f2"/>')
+    for e in timeline.events:
+        x, w, y = label_w + e.start * scale, max((e.end - e.start) * scale, 0.5), 4 + e.rank * row_h
+        tip = f"stage {e.stage}, microbatch {e.microbatch}, {e.kind}, {e.start * 1e3:.4g}-{e.end * 1e3:.4g} ms"
+        out.append(f'<rect class="pp-{e.kind}" x="{x:.2f}" y="{y + 2}" width="{w:.2f}" height="{row_h - 4}" '
+                   f'fill="{_COLOURS[e.kind]}" stroke="#fff" stroke-width="0.5"><title>{html.escape(tip)}</title></rect>')
+        if w >= 14:
+            out.append(f'<text x="{x + w / 2:.2f}" y="{y + 16}" font-size="11" text-anchor="middle" fill="#fff" '
+                       f'pointer-events="none">{e.microbatch}</text>')
+    out.append(f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + plot_w}" y2="{axis_y}" stroke="#888"/>')
+    out.append(f'<text x="{label_w}" y="{axis_y + 14}" font-size="11">0</text>')
+    out.append(f'<text x="{label_w + plot_w}" y="{axis_y + 14}" font-size="11" text-anchor="end">'
+               f'{html.escape(format_seconds(timeline.makespan))}</text>')
+    x = label_w
+    for k, name, _, colour in _PASSES:
+        if k == "W" and not any(e.kind == "W" for e in timeline.events):
+            continue
+        out.append(f'<rect x="{x}" y="{axis_y + 24}" width="12" height="12" fill="{colour}"/>')
+        out.append(f'<text x="{x + 16}" y="{axis_y + 34}" font-size="12">{k} {name}</text>')
+        x += 40 + 8 * len(name)
+    out.append("</svg>")
+    return "\n".join(out)
 
 
 def _svg_bars(items: list[tuple[str, float]], total: float) -> str:
@@ -330,6 +442,12 @@ def render_html(plan: Plan, sections: list[Section]) -> str:
     body = []
     for s in sections:
         body.append(f"<h2>{html.escape(s.title)}</h2>")
+        if s.title == SCHEDULE_TITLE and plan.pipeline:  # drawn as a chart, not as the text rows
+            timeline, summary = pipeline_timeline(plan.pipeline)
+            if timeline is not None:
+                body.append(_svg_schedule(timeline))
+            body.append(f"<p>{html.escape(summary)}</p>")
+            continue
         if s.title == "Predicted step time":
             items = list(plan.time_breakdown.items()) + [("step (predicted)", plan.step_time_s)]
             body.append(_svg_bars(items, plan.step_time_s))

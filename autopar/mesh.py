@@ -99,9 +99,6 @@ class Mesh:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        if "pp" in self.axes:
-            raise MeshError("pipeline execution is not built yet (issue 4): autopar.plan and `autopar plan` plan "
-                            "meshes with a 'pp' axis offline, but compile cannot run them; fold pp into dp for now")
         if not dist.is_available() or not dist.is_initialized():
             raise MeshError(
                 "no process group is running: launch with `torchrun` or `autopar run`, or use "
@@ -114,4 +111,7 @@ class Mesh:
                 f"make the product of the axis sizes equal {world}"
             )
         device_type = "cuda" if dist.get_backend() == "nccl" and torch.cuda.is_available() else "cpu"
-        return init_device_mesh(device_type, self.shape, mesh_dim_names=self.names)
+        shape, names = self.shape, self.names
+        if names == ("pp",):  # each stage still runs its program on a (one-device) DeviceMesh
+            shape, names = (*shape, 1), ("pp", "tp")
+        return init_device_mesh(device_type, shape, mesh_dim_names=names)

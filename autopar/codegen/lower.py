@@ -34,6 +34,8 @@ from ..placements import parse
 from ..passes.trace import TracedGraph
 
 META_COLL = "autopar.collectives"
+META_ORIGIN = "autopar.origin"  # the traced node a lowered node was made for (a move: its consumer)
+META_PLACED = "autopar.placed"  # the planned placements of a lowered tensor value, as strings
 
 
 # Marker targets: the executor (runtime.Executor) gives them meaning with the live mesh.
@@ -97,7 +99,17 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
         moves[new_in, want] = r
         return r
 
+    def tag(origin: str) -> None:
+        for n in reversed(g.nodes):
+            if META_ORIGIN in n.meta:
+                break
+            n.meta[META_ORIGIN] = origin
+
+    prev = None
     for node in tg.gm.graph.nodes:
+        if prev is not None:
+            tag(prev)
+        prev = node.name
         if node.op == "placeholder":
             p = g.placeholder(node.name)
             p.meta["val"] = node.meta.get("val")
@@ -162,6 +174,10 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
         if not isinstance(pls, list):
             placed[new] = out_pls(node.name)
         env[node] = new
+    tag(prev)
+    for n, pls in placed.items():
+        if pls is not None:
+            n.meta[META_PLACED] = tuple(map(str, pls))
     return fx.GraphModule(torch.nn.Module(), g)
 
 

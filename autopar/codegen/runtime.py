@@ -151,36 +151,71 @@ def sync_gradients(param) -> None:
         param.grad = g.redistribute(param.device_mesh, param.placements)
 
 
+def user_inputs(tg, args, kwargs, batch_factor: int = 1) -> list:
+    """The user's inputs, flat, checked against the traced ones (dim 0 ``batch_factor`` times the
+    traced size: a pipeline traces one microbatch)."""
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    if spec != tg.in_spec:
+        raise AutoparError(
+            f"inputs do not have the structure the model was compiled with: got {spec}, expected {tg.in_spec}; "
+            "call autopar.compile again with matching example_inputs")
+    wanted = [(n.name, n.meta.get("val")) for n in tg.gm.graph.nodes if n.op == "placeholder"
+              and n.name not in tg.params and n.name not in tg.buffers and n.name not in tg.constants]
+    for x, (name, want) in zip(flat, wanted):
+        if isinstance(want, torch.Tensor) and isinstance(x, torch.Tensor):
+            shape = (want.shape[0] * batch_factor, *want.shape[1:]) if want.dim() else tuple(want.shape)
+            if tuple(x.shape) != tuple(shape) or x.dtype != want.dtype:
+                raise AutoparError(
+                    f"input {name!r} has shape {tuple(x.shape)} and dtype {x.dtype}, but the model was compiled for "
+                    f"{tuple(shape)} {want.dtype}; call autopar.compile again with example inputs of this shape")
+    return flat
+
+
+def install_parameters(module: nn.Module, model: nn.Module, plan, mesh, axes=None, keep=None, hook=True) -> None:
+    """Replace ``module``'s parameters (adopted from ``model``) by DTensors placed as the plan says.
+
+    FQNs are kept, tied parameters stay one object. ``keep`` (FQNs) limits this rank to those
+    parameters (a pipeline stage's); the others are dropped. ``hook`` syncs gradients (dp's
+    all-reduce) as each one is accumulated.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    axes = list(plan.mesh) if axes is None else axes
+    replaced: dict[int, nn.Parameter] = {}
+    for fqn, p in list(model.named_parameters(remove_duplicate=False)):
+        owner, _, leaf = fqn.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        if keep is not None and fqn not in keep:
+            if leaf in target._parameters:
+                target._parameters[leaf] = None
+            continue
+        if id(p) not in replaced:
+            pls = plan.param_placements.get(fqn)
+            if pls is None:
+                raise PlanError(f"the plan has no placement for parameter {fqn!r}", f"$.param_placements[{fqn!r}]")
+            dt = distribute_tensor(p.detach(), mesh, _placements([pls[a] for a in axes]), src_data_rank=None)
+            newp = nn.Parameter(dt, requires_grad=p.requires_grad)
+            if hook:
+                newp.register_post_accumulate_grad_hook(sync_gradients)
+            replaced[id(p)] = newp
+        if owner == "" and leaf not in module._parameters:
+            module.register_parameter(leaf, replaced[id(p)])
+        else:
+            setattr(target, leaf, replaced[id(p)])
+
+
 class ParallelModule(nn.Module):
     """The user's model, run as the plan says. Parameters keep their FQNs and are DTensors."""
 
     def __init__(self, model: nn.Module, plan, traced, lowered: fx.GraphModule, device_mesh):
         super().__init__()
-        from torch.distributed.tensor import distribute_tensor
-
         # The model's own children become ours, so that named_parameters() keeps the FQNs.
         for name, child in model.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "_autopar", {
             "plan": plan, "traced": traced, "lowered": lowered, "mesh": device_mesh, "fixups": [],
             "root_cls": type(model).__name__})
-        replaced: dict[int, nn.Parameter] = {}
-        axes = list(plan.mesh)
-        for fqn, p in list(model.named_parameters(remove_duplicate=False)):
-            if id(p) not in replaced:
-                pls = plan.param_placements.get(fqn)
-                if pls is None:
-                    raise PlanError(f"the plan has no placement for parameter {fqn!r}", f"$.param_placements[{fqn!r}]")
-                dt = distribute_tensor(p.detach(), device_mesh, _placements([pls[a] for a in axes]), src_data_rank=None)
-                newp = nn.Parameter(dt, requires_grad=p.requires_grad)
-                newp.register_post_accumulate_grad_hook(sync_gradients)
-                replaced[id(p)] = newp
-            owner, _, leaf = fqn.rpartition(".")
-            target = self.get_submodule(owner) if owner else self
-            if owner == "" and leaf not in self._parameters:
-                self.register_parameter(leaf, replaced[id(p)])
-            else:
-                setattr(target, leaf, replaced[id(p)])
+        install_parameters(self, model, plan, device_mesh)
         for fqn, b in model.named_buffers():
             if "." not in fqn:
                 self.register_buffer(fqn, b)
@@ -207,17 +242,13 @@ class ParallelModule(nn.Module):
     def forward(self, *args, **kwargs):
         st = self._autopar
         tg = st["traced"]
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if spec != tg.in_spec:
-            raise AutoparError(
-                f"inputs do not have the structure the model was compiled with: got {spec}, expected {tg.in_spec}; "
-                "call autopar.compile again with matching example_inputs")
-        placeholders = [n for n in tg.gm.graph.nodes if n.op == "placeholder"]
+        user = iter(user_inputs(tg, args, kwargs))
         params = dict(self.named_parameters(remove_duplicate=False))
         buffers = dict(self.named_buffers(remove_duplicate=False))
-        user = iter(flat)
         feed = []
-        for n in placeholders:
+        for n in tg.gm.graph.nodes:
+            if n.op != "placeholder":
+                continue
             if n.name in tg.params:
                 feed.append(params[tg.params[n.name]])
             elif n.name in tg.buffers:
@@ -225,19 +256,21 @@ class ParallelModule(nn.Module):
             elif n.name in tg.constants:
                 feed.append(tg.constants[n.name])
             else:
-                x = next(user)
-                want = n.meta.get("val")
-                if isinstance(want, torch.Tensor) and isinstance(x, torch.Tensor) and (tuple(x.shape) != tuple(want.shape) or x.dtype != want.dtype):
-                    raise AutoparError(
-                        f"input {n.name!r} has shape {tuple(x.shape)} and dtype {x.dtype}, but the model was compiled for "
-                        f"{tuple(want.shape)} {want.dtype}; call autopar.compile again with example inputs of this shape")
-                feed.append(x)
+                feed.append(next(user))
         out = list(Executor(st["lowered"], st["mesh"], st["fixups"]).run(*feed))
         n_mut = len(tg.mutated_buffers)
         with torch.no_grad():  # BatchNorm running statistics and other buffer updates
             for fqn, new in zip(tg.mutated_buffers, out[:n_mut]):
                 buffers[fqn].copy_(new.detach())
         return pytree.tree_unflatten(out[n_mut:], tg.out_spec)
+
+    def train_step(self, *args, target=None, loss_fn, **kwargs):
+        """Forward and backward of one step: ``loss_fn(self(*args, **kwargs), target).backward()``;
+        returns the loss, detached. On a mesh with 'pp' the same call runs the pipeline schedule, so
+        a training loop written with it runs on any mesh."""
+        loss = loss_fn(self(*args, **kwargs), target)
+        loss.backward()
+        return loss.detach()
 
     def save_checkpoint(self, path) -> None:
         """Save sharded parameters and buffers with torch.distributed.checkpoint (no pickling)."""

@@ -3,7 +3,7 @@
 Layers are the repeated blocks of the model, found in the graph, not by class name: the module
 container whose children ``<container>.<k>`` hold the most distinct integer k (``blocks``,
 ``model.layers``, ...). Work before the first block (embeddings) joins block 0, work after the
-last (final norm, head) joins the last block; a parameter goes with the first op that reads it.
+last (final norm, head) joins the last block, work between blocks the block before it; a parameter goes with the first op that reads it.
 
 Per layer i, with the intra-op plan's costs and m microbatches (the planner's costs are for the
 whole batch; compute and activation traffic split over microbatches, parameter work does not):
@@ -48,16 +48,14 @@ def layer_index(tg) -> tuple[str, dict[str, int]]:
     order = sorted(counts[container])
     pattern = re.compile(rf"^{re.escape(container)}\.(\d+)(?:\.|$)")
     layer: dict[str, int] = {}
-    seen_block = False
+    last = 0  # work between blocks goes with the block before it, work after the last with the last
     for node in tg.gm.graph.nodes:
         if node.op != "call_function":
             continue
         hit = next((int(m.group(1)) for p in stacks[node.name] for m in [pattern.match(p)] if m), None)
         if hit is not None:
-            layer[node.name] = order.index(hit)
-            seen_block = True
-        else:
-            layer[node.name] = 0 if not seen_block else len(order) - 1
+            last = max(last, order.index(hit))
+        layer[node.name] = last if hit is None else order.index(hit)
     for node in tg.gm.graph.nodes:  # parameters and buffers: with their first reader
         if node.op == "placeholder":
             users = [u for u in node.users if u.name in layer]
