@@ -27,7 +27,7 @@ def _check(model, mesh, mode, optimizer="adamw"):
 
 def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
          time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None, op_profile="auto",
-         pins: dict | None = None, optimizer: str = "adamw"):
+         pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None):
     """Plan ``model`` on ``mesh`` without running anything; works on the ``meta`` device.
 
     ``pins`` fixes placements the solver must keep: ``{"blocks.*.fc1.weight": "S(0)"}`` (fnmatch
@@ -37,7 +37,10 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     --hardware local``) when the hardware preset is ``local``; a path uses that profile file;
     ``None`` uses the roofline only. ``optimizer`` ("adamw", "adamw8bit", "sgd", "sgd-momentum")
     sets the optimizer state the memory model counts. A ``pp`` axis splits the model's repeated
-    blocks into pipeline stages (``plan.pipeline``; planned, not executed yet). Returns an
+    blocks into pipeline stages (``plan.pipeline``): the solver chooses the schedule, microbatch
+    count, stages per rank and split, unless ``pipeline`` fixes some of them (``{"schedule":
+    "interleaved-1f1b", "virtual_stages": 2, "microbatches": 192, "bounds": "equal"}``; see
+    ``passes.pipeline.plan_pipeline``'s ``stages``). Returns an
     ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and ``InfeasibleError``
     if no layout fits the device memory.
     """
@@ -46,7 +49,9 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     if "pp" in mesh.axes:
         return _plan_pipelined(model, mesh, example_inputs, mode=mode, example_kwargs=example_kwargs,
                                time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=say,
-                               op_profile=op_profile, pins=pins, optimizer=optimizer)
+                               op_profile=op_profile, pins=pins, optimizer=optimizer, stages=pipeline)
+    if pipeline is not None:
+        raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     from .passes.trace import trace
 
     t0 = time.perf_counter()
@@ -66,11 +71,13 @@ def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, pr
     inner = {a: n for a, n in mesh.axes.items() if a != "pp"} or {"tp": 1}
     plan, stages, names = plan_pipeline(model, Mesh(inner, hardware=mesh.hardware), example_inputs, pp,
                                         memory_limit_bytes=memory_limit_bytes, progress=progress, **options)
-    progress(f"pipeline: {pp} stages, {stages.schedule}, {stages.microbatches} microbatches, predicted bubble "
-             f"{stages.bubble:.1%} (analytic (p-1)/m = {stages.analytic_bubble:.1%})")
+    v = stages.virtual_stages
+    progress(f"pipeline: {pp} ranks{f' x {v} stages' if v > 1 else ''}, {stages.schedule}, {stages.microbatches} "
+             f"microbatches, predicted step {stages.step_time:.4g} s, bubble {stages.bubble:.1%} (analytic "
+             f"{'(p-1)/(m*v)' if v > 1 else '(p-1)/m'} = {stages.analytic_bubble:.1%})")
     doc = {**stages.to_json(), "layers": names}
     return dataclasses.replace(
-        plan, mesh=dict(mesh.axes), step_time_s=stages.step_time, peak_memory_bytes=int(max(stages.stage_memory)),
+        plan, mesh=dict(mesh.axes), step_time_s=stages.step_time, peak_memory_bytes=int(max(stages.rank_memory)),
         # the intra-op plan's parts are summed over all stages for the whole batch; the step is the pipeline's
         time_breakdown={"pipeline_step_s": stages.step_time, **{f"all_stages_{k}": v for k, v in plan.time_breakdown.items()}},
         pipeline=doc,

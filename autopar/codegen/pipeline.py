@@ -139,7 +139,10 @@ class StageModule(nn.Module):
                 if tuple(x.placements) != want:
                     x = x.redistribute(self.mesh, want)
                 x = x.to_local()
-            outs.append(x.contiguous() if isinstance(x, torch.Tensor) else x)
+            if isinstance(x, torch.Tensor):  # zero-bubble schedules detach stage outputs in place: no views
+                x = x.contiguous()
+                x = x.clone() if x._is_view() else x
+            outs.append(x)
         return tuple(outs) if len(outs) != 1 else outs[0]
 
 
@@ -187,19 +190,24 @@ class _NoPipelineBackward(torch.autograd.Function):
 
 
 def sum_shared_grads(groups: list, m: int, params) -> None:
-    """After a schedule: gradients of parameters read by several stages summed over the ranks that
-    hold them, every gradient divided by the microbatch count (each microbatch's loss is a mean),
-    and brought to its parameter's placement (dp's all-reduce)."""
+    """After a schedule: every gradient brought to its parameter's placement (dp's all-reduce) and
+    divided by the microbatch count (each microbatch's loss is a mean); then the gradients of
+    parameters read by several stages summed over the ranks that hold them."""
     import torch.distributed as dist
 
-    for p, group in groups:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad.to_local(), group=group)
     for p in params:
         if p.grad is not None:
-            sync_gradients(p)
+            sync_gradients(p)  # first, so that every holder's shard is in the parameter's placement
             p.grad.div_(m)
+    with torch.no_grad():
+        for p, group in groups:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            local = p.grad.to_local()
+            buf = local.contiguous()  # a gradient may arrive strided (zero-bubble's weight pass)
+            dist.all_reduce(buf, group=group)
+            if buf is not local:
+                local.copy_(buf)
 
 
 class PipelinedModule(nn.Module):
