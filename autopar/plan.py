@@ -389,8 +389,15 @@ def validate(data: Any) -> None:
         for key in ("bounds", "stage_times_s", "stage_memory_bytes", "layers"):
             _require(pipe, key, "$.pipeline")
             _expect(isinstance(pipe[key], list), _key("$.pipeline", key), "an array", pipe[key])
-        _expect(len(pipe["bounds"]) == mesh.get("pp"), "$.pipeline.bounds", f"one [start, end) per pp rank "
-                f"({mesh.get('pp')})", pipe["bounds"])
+        v = pipe.get("virtual_stages", 1)
+        _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 1, "$.pipeline.virtual_stages",
+                "a positive integer", v)
+        _expect(len(pipe["bounds"]) == mesh.get("pp", 0) * v, "$.pipeline.bounds",
+                f"one [start, end) per stage: pp x virtual_stages = {mesh.get('pp')} x {v}", pipe["bounds"])
+        _expect(pipe.get("schedule", "1f1b") in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1"), "$.pipeline.schedule",
+                "one of gpipe, 1f1b, interleaved-1f1b, zb-h1", pipe.get("schedule"))
+        _expect(isinstance(pipe.get("microbatches", 1), int) and pipe.get("microbatches", 1) >= 1,
+                "$.pipeline.microbatches", "a positive integer", pipe.get("microbatches"))
     solver = data["solver"]
     _expect(isinstance(solver, dict), "$.solver", "an object", solver)
     for key in ("name", "status"):

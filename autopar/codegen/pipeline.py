@@ -82,7 +82,8 @@ def split_stages(lowered: fx.GraphModule, tg, stage_of_origin, n_stages: int) ->
     for k in range(n_stages):
         own = [n for n in stage if stage[n] == k and n.op != "placeholder"]
         need: set = set()
-        todo = [i for n in own for i in n.all_input_nodes if i in free]
+        seeds = own + ([output] if k == n_stages - 1 else [])  # an output may depend on state alone
+        todo = [i for n in seeds for i in n.all_input_nodes if i in free]
         while todo:
             i = todo.pop()
             if i not in need:
