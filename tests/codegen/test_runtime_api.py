@@ -68,6 +68,17 @@ def _contract(rank, world, tmpdir):
     pm.load_checkpoint(ckpt)
     out["checkpoint"] = all(torch.equal(p.full_tensor(), before[n]) for n, p in pm.named_parameters())
     out["params_are_dtensors"] = all(isinstance(p, DTensor) for p in pm.parameters())
+
+    # train_step (the call a pp mesh trains with) is forward + backward here
+    def loss_fn(o, t):
+        return (logits(o).float() - t).pow(2).mean()
+
+    loss = pm.train_step(*inputs, target=torch.ones(()), loss_fn=loss_fn)
+    ref = loss_fn(pm2(*inputs), torch.ones(()))
+    ref.backward()
+    grads2 = dict(pm2.named_parameters())
+    out["train_step"] = bool(torch.equal(loss, ref.detach())) and all(
+        torch.equal(p.grad.full_tensor(), grads2[n].grad.full_tensor()) for n, p in pm.named_parameters())
     return out
 
 
@@ -80,3 +91,4 @@ def test_parallel_module_contract(tmp_path):
     assert "compiled for" in out["bad_shape"] and "(4, 8)" in out["bad_shape"]
     assert out["checkpoint"]
     assert out["params_are_dtensors"]
+    assert out["train_step"]
