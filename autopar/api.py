@@ -80,8 +80,7 @@ def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, pr
         plan, mesh=dict(mesh.axes), step_time_s=stages.step_time, peak_memory_bytes=int(max(stages.rank_memory)),
         # the intra-op plan's parts are summed over all stages for the whole batch; the step is the pipeline's
         time_breakdown={"pipeline_step_s": stages.step_time, **{f"all_stages_{k}": v for k, v in plan.time_breakdown.items()}},
-        pipeline=doc,
-        warnings=plan.warnings + ["pipeline stages are planned but not executed yet: autopar.compile refuses a 'pp' axis"])
+        pipeline=doc)
 
 
 def _trainable(model: nn.Module) -> set[str]:
@@ -149,11 +148,13 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
 
 def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
             plan=None, time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None,
-            op_profile="auto", pins: dict | None = None, optimizer: str = "adamw"):
+            op_profile="auto", pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None):
     """Plan (or take ``plan``) and build the ParallelModule. Call on every rank.
 
     Every rank must reach the same plan; the plan hashes are compared across ranks and a
-    mismatch raises ``PlanError``.
+    mismatch raises ``PlanError``. With a ``pp`` axis the result is a ``PipelinedModule``
+    (``codegen/pipeline.py``): train it with ``pm.train_step(*inputs, target=, loss_fn=)``;
+    ``pipeline`` fixes stage choices as in :func:`plan`.
     """
     _check(model, mesh, mode, optimizer)
     from .codegen.lower import lower
@@ -171,7 +172,9 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
     if "pp" in mesh.axes:
         return _compile_pipelined(model, mesh, device_mesh, example_inputs, example_kwargs, plan, mode=mode,
                                   time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=progress,
-                                  op_profile=op_profile, pins=pins, optimizer=optimizer)
+                                  op_profile=op_profile, pins=pins, optimizer=optimizer, pipeline=pipeline)
+    if pipeline is not None:
+        raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     tg = trace(model, example_inputs, example_kwargs)
     if plan is None:
         plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,

@@ -307,7 +307,7 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
                  "(equal when stages are balanced)"]
         sections.append(Section("Pipeline stages",
                                  ["stage", "layers", "count", "time per microbatch", "memory"], rows, right={2, 3, 4}, notes=notes))
-        timeline, summary = pipeline_timeline(pipe)
+        timeline, summary = pipeline_timeline(pipe, plan.mesh.get("pp"))
         notes = [summary] + (_timeline_text(timeline) if timeline is not None else [])
         sections.append(Section(SCHEDULE_TITLE, [], [], notes=notes))
     sections.append(Section(f"Warnings ({len(plan.warnings)})", [], [], notes=[f"- {w}" for w in plan.warnings] or ["(none)"]))
@@ -328,25 +328,28 @@ def _bubble_formula(schedule: str) -> str:
     return "(p-1)/(m*v)" if schedule == "interleaved-1f1b" else "(p-1)/m"
 
 
-def pipeline_timeline(pipe: dict) -> tuple[Any, str]:
+def pipeline_timeline(pipe: dict, pp: int | None = None) -> tuple[Any, str]:
     """The plan's pipeline simulated pass by pass (:mod:`autopar.solvers.schedule`) and a line that
     sums it up, or ``(None, why not)``.
 
     Stage s takes τ_s per microbatch (``stage_times_s``: forward + backward, the send to the next
     stage included, so the simulation adds no transfer): forward f_s = ``stage_forward_s[s]``, else
-    τ_s/3; backward τ_s − f_s, which zb-h1 halves into B and W. ``virtual_stages`` v (default 1):
-    the stage times are per global stage, p·v of them.
+    τ_s/3; backward τ_s − f_s, which zb-h1 halves into B and W. With ``virtual_stages`` v > 1 the
+    times are per global stage (p·v of them), or per rank (``pp`` of them), each rank's then split
+    evenly over its v stages.
     """
     from .solvers.schedule import analytic_bubble, simulate
 
     schedule, m = str(pipe.get("schedule")), int(pipe.get("microbatches") or 0)
     taus = [float(t) for t in pipe.get("stage_times_s") or []]
+    fwd = [float(x) for x in pipe.get("stage_forward_s") or [t / 3 for t in taus]]
     v = int(pipe.get("virtual_stages") or 1)
     try:
+        if v > 1 and pp and len(taus) == pp:  # per rank: v equal chunks each
+            taus, fwd = ([x[s % pp] / v for s in range(pp * v)] for x in (taus, fwd))
         if v < 1 or not taus or len(taus) % v:
             raise ValueError(f"{len(taus)} stage times do not make {v} stages on each rank")
         p = len(taus) // v
-        fwd = [float(x) for x in pipe.get("stage_forward_s") or [t / 3 for t in taus]]
         if len(fwd) != len(taus):
             raise ValueError(f"{len(fwd)} forward times for {len(taus)} stages")
         back = [t - x for t, x in zip(taus, fwd)]
@@ -443,7 +446,7 @@ def render_html(plan: Plan, sections: list[Section]) -> str:
     for s in sections:
         body.append(f"<h2>{html.escape(s.title)}</h2>")
         if s.title == SCHEDULE_TITLE and plan.pipeline:  # drawn as a chart, not as the text rows
-            timeline, summary = pipeline_timeline(plan.pipeline)
+            timeline, summary = pipeline_timeline(plan.pipeline, plan.mesh.get("pp"))
             if timeline is not None:
                 body.append(_svg_schedule(timeline))
             body.append(f"<p>{html.escape(summary)}</p>")
@@ -662,18 +665,26 @@ def _progress(*args: Any, **_: Any) -> None:
     print("autopar:", *args, file=sys.stderr, flush=True)
 
 
-def candidate_meshes(devices: int, devices_per_node: int) -> list[dict[str, int]]:
-    """Every ``{"dp": d, "tp": t}`` with ``d * t == devices`` and ``t <= devices_per_node``.
+PP_SIZES = (1, 2, 4, 8, 16)  # pipeline depths the --devices search tries
+
+
+def candidate_meshes(devices: int, devices_per_node: int, pp_sizes=(1,)) -> list[dict[str, int]]:
+    """Every ``{"pp": p, "dp": d, "tp": t}`` with ``p * d * t == devices``, ``p`` in ``pp_sizes``
+    and ``t <= devices_per_node``, by p then t.
 
     Size-1 axes are left out (``{"tp": 8}`` rather than ``{"dp": 1, "tp": 8}``).
     """
     out = []
-    for t in range(1, min(devices, devices_per_node) + 1):
-        if devices % t:
+    for p in pp_sizes:
+        if devices % p:
             continue
-        d = devices // t
-        mesh = {k: v for k, v in (("dp", d), ("tp", t)) if v > 1} or {"dp": 1}
-        out.append(mesh)
+        rest = devices // p
+        for t in range(1, min(rest, devices_per_node) + 1):
+            if rest % t:
+                continue
+            d = rest // t
+            mesh = {k: v for k, v in (("pp", p), ("dp", d), ("tp", t)) if v > 1} or {"dp": 1}
+            out.append(mesh)
     return out
 
 
@@ -702,7 +713,7 @@ def cmd_plan(args) -> int:
 
         per_node = load_hardware(args.hardware).devices_per_node
         tried = []
-        for axes in candidate_meshes(args.devices, per_node):
+        for axes in candidate_meshes(args.devices, per_node, PP_SIZES):
             _progress(f"planning mesh {fmt_mesh(axes)}")
             try:
                 p = make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, **options)
@@ -909,7 +920,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a built-in preset (gpt2, llama3-8b, ...) or path/to/file.py:factory")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--mesh", help="mesh axes and sizes, outer to inner, e.g. dp=2,tp=4")
-    where.add_argument("--devices", type=int, help="number of devices; autopar chooses the dp x tp mesh")
+    where.add_argument("--devices", type=int,
+                       help=f"number of devices; autopar chooses the pp x dp x tp mesh (pp in {list(PP_SIZES)})")
     p.add_argument("--hardware", default="local", help="hardware preset, e.g. h100-sxm (default: local)")
     p.add_argument("--out", help="write the plan JSON here")
     p.add_argument("--mode", choices=["train", "infer"], default="train")

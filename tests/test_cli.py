@@ -238,3 +238,81 @@ def test_console_entry_point_runs_as_module(tmp_path, plan_path):
 
     r = subprocess.run([sys.executable, "-m", "autopar.cli", "inspect", str(plan_path)], capture_output=True, text=True)
     assert r.returncode == 0 and "Parameter placements" in r.stdout
+
+
+def _timeline_rows(out: str) -> dict[int, str]:
+    """The rank rows of the "Pipeline schedule" section: rank -> the cells between the bars."""
+    block = out.split("Pipeline schedule\n", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in block.splitlines():
+        if line.startswith("rank "):
+            label, cells = line.split("|", 1)
+            rows[int(label.split()[1])] = cells.rstrip("|")
+    return rows
+
+
+def test_inspect_draws_the_pipeline_schedule_of_a_planned_pp_mesh(capsys, tmp_path):
+    import torch
+
+    import autopar
+    from models import GPT
+
+    with torch.device("meta"):
+        model = GPT(layers=4)
+    plan = autopar.plan(model, autopar.Mesh({"pp": 2, "tp": 2}, hardware="h100-sxm"),
+                        (torch.zeros(8, 32, dtype=torch.long, device="meta"),), pipeline={"schedule": "1f1b"})
+    pipe = plan.pipeline
+    p, m = len(pipe["bounds"]), pipe["microbatches"]
+    assert p == 2 and pipe["schedule"] == "1f1b"
+    path, report = tmp_path / "pp.json", tmp_path / "pp.html"
+    plan.save(path)
+    code, out, _ = run_cli(capsys, "inspect", path, "--html", report)
+    assert code == 0
+    assert "Pipeline stages\n" in out and "not executed yet" not in out.split("Warnings")[0]
+    rows = _timeline_rows(out)
+    assert sorted(rows) == list(range(p)) and all(len(r) == cli.TIMELINE_COLUMNS for r in rows.values())
+    for r, cells in rows.items():
+        assert set(cells) <= set("0123456789abcdefghij.") and "0" in cells and "a" in cells, cells
+    assert rows[1].startswith(".") and not rows[0].startswith(".")  # rank 1 waits for the first forward
+    assert "forward 0-9, backward a-j" in out and "analytic (p-1)/m" in out and "simulated step" in out
+    assert "\x1b[" not in out  # no colour codes
+
+    text = report.read_text()
+    assert text.count('<rect class="pp-') == p * m * 2
+    assert text.count('<rect class="pp-F"') == text.count('<rect class="pp-B"') == p * m
+    assert "<title>stage 0, microbatch 0, F, 0-" in text and f"stage 1, microbatch {m - 1}, B, " in text
+
+
+@pytest.mark.parametrize("schedule, v, kinds", [("zb-h1", 1, "FBW"), ("interleaved-1f1b", 2, "FB")])
+def test_inspect_timeline_of_the_other_schedules(capsys, tmp_path, schedule, v, kinds):
+    import dataclasses
+
+    p, m = 4, 8
+    n = p * v  # stages, v on each rank
+    pipe = {"bounds": [[k, k + 1] for k in range(n)], "stage_times_s": [3e-3 / v] * n,
+            "stage_memory_bytes": [2**30] * n, "step_time_s": 0.04, "microbatches": m, "schedule": schedule,
+            "bubble": 0.1, "analytic_bubble": 0.1, "layers": [f"h.{k}" for k in range(n)], "virtual_stages": v}
+    path, report = tmp_path / "pp.json", tmp_path / "pp.html"
+    dataclasses.replace(gpt_like_plan(), mesh={"pp": p, "dp": 2, "tp": 4}, pipeline=pipe).save(path)
+    code, out, _ = run_cli(capsys, "inspect", path, "--html", report)
+    assert code == 0 and sorted(_timeline_rows(out)) == list(range(p))
+    if schedule == "zb-h1":
+        assert "weight gradient A-J" in out and "an upper bound" in out
+        assert any(set(row) & set("ABCDEFGHIJ") for row in _timeline_rows(out).values())
+    else:
+        assert "(p-1)/(m*v) = 18.8%" in out and "4 ranks x 2 stages each" in out
+    text = report.read_text()
+    assert text.count('<rect class="pp-') == p * v * m * len(kinds)
+    assert ("<title>stage 0, microbatch 0, W, " in text) == ("W" in kinds)
+
+
+def test_inspect_explains_a_schedule_it_cannot_draw(capsys, tmp_path):
+    import dataclasses
+
+    pipe = {"bounds": [[0, 1], [1, 2]], "stage_times_s": [1e-3, 1e-3], "stage_memory_bytes": [1, 1], "step_time_s": 0.01,
+            "microbatches": 3, "schedule": "interleaved-1f1b", "bubble": 0.0, "analytic_bubble": 0.0, "layers": ["a", "b"]}
+    path = tmp_path / "pp.json"
+    dataclasses.replace(gpt_like_plan(), mesh={"pp": 2, "dp": 2, "tp": 4}, pipeline=pipe).save(path)
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 0 and "no timeline: interleaved-1f1b needs the microbatch count to be a multiple" in out
+    assert _timeline_rows(out) == {}

@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
-BUDGET = 7500  # lines of Python in autopar/, blank lines and comments included (6000 until issue 3 added
-# profiled ops, segmented collective fits and the memory model)
+BUDGET = 8500  # lines of Python in autopar/, blank lines and comments included (6000 until issue 3 added
+# profiled ops, segmented collective fits and the memory model; 7500 until issue 4 added pipelined
+# execution, four schedules in the stage solver and their pass-by-pass simulation)
 
 
 def test_core_fits_its_line_budget():

@@ -145,9 +145,8 @@ def _misuse(rank, world):
     model = GPT(layers=2)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     mesh = autopar.Mesh({"pp": 2}, hardware=SHARDING_PRESET)
-    plan = autopar.plan(model, mesh, (ids,))
-    plan.pipeline.update(microbatches=2, schedule="1f1b", bounds=[[0, 1], [1, 2]])
-    msgs = {}
+    plan = autopar.plan(model, mesh, (ids,), pipeline={"microbatches": 2, "schedule": "1f1b"})
+    msgs = {"pipeline": (plan.pipeline["microbatches"], plan.pipeline["schedule"], plan.pipeline["bounds"])}
     try:
         autopar.compile(GPT(layers=2), mesh, (ids[:3],), plan=plan)
     except autopar.AutoparError as exc:
@@ -174,6 +173,7 @@ def _misuse(rank, world):
 def test_pipelined_misuse_gets_clear_errors():
     reports = run_ranks(_misuse, 2)
     for msgs in reports:
+        assert msgs["pipeline"] == (2, "1f1b", [[0, 1], [1, 2]]), msgs
         assert "plan was made for another model" in msgs["batch"] or "graph hash" in msgs["batch"], msgs
         assert "train_step" in msgs["backward"], msgs
         assert "compiled for" in msgs["shape"] and "(4, 16)" in msgs["shape"], msgs
