@@ -334,7 +334,7 @@ def pipeline_timeline(pipe: dict, pp: int | None = None) -> tuple[Any, str]:
 
     Stage s takes τ_s per microbatch (``stage_times_s``: forward + backward, the send to the next
     stage included, so the simulation adds no transfer): forward f_s = ``stage_forward_s[s]``, else
-    τ_s/3; backward τ_s − f_s, which zb-h1 halves into B and W. With ``virtual_stages`` v > 1 the
+    τ_s/3; backward τ_s − f_s, which zb-h1 splits into W = ``stage_wgrad_s[s]`` (else half) and B. With ``virtual_stages`` v > 1 the
     times are per global stage (p·v of them), or per rank (``pp`` of them), each rank's then split
     evenly over its v stages.
     """
@@ -353,8 +353,9 @@ def pipeline_timeline(pipe: dict, pp: int | None = None) -> tuple[Any, str]:
         if len(fwd) != len(taus):
             raise ValueError(f"{len(fwd)} forward times for {len(taus)} stages")
         back = [t - x for t, x in zip(taus, fwd)]
-        if schedule == "zb-h1":
-            timeline = simulate(schedule, p, m, v, f=fwd, b=[x / 2 for x in back], w=[x / 2 for x in back])
+        wgrad = [float(x) for x in pipe.get("stage_wgrad_s") or [x / 2 for x in back]]
+        if schedule == "zb-h1" and len(wgrad) == len(back):
+            timeline = simulate(schedule, p, m, v, f=fwd, b=[x - w for x, w in zip(back, wgrad)], w=wgrad)
         else:
             timeline = simulate(schedule, p, m, v, f=fwd, b=back)
     except ValueError as e:

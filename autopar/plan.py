@@ -362,6 +362,8 @@ def validate(data: Any) -> None:
     _check_dict(data["memory"], "$.memory", _is_int, "an int (bytes)")
     _check_dict(data["time_breakdown"], "$.time_breakdown", _is_num, "a number (seconds)")
 
+    if set(mesh) == {"pp"}:  # the stages of a pp-only mesh are laid out on a one-device "tp" axis
+        mesh = {**mesh, "tp": 1}
     pp = data["param_placements"]
     _expect(isinstance(pp, dict), "$.param_placements", "an object of FQN to placements", pp)
     for fqn, pl in pp.items():

@@ -251,3 +251,19 @@ def test_message_names_the_field():
     err = refusal(data)
     assert err.path == "$.nodes[1].shape"
     assert str(err).startswith("shape must be") and '"8x64"' in str(err)
+
+
+def test_pipelined_plans_round_trip_through_json(tmp_path):
+    import torch
+
+    import autopar
+    from models import GPT
+
+    with torch.device("meta"):
+        model = GPT(layers=2)
+    ids = torch.zeros(8, 16, dtype=torch.long, device="meta")
+    for axes in ({"pp": 2}, {"pp": 2, "tp": 2}):  # pp alone lays stages out on a one-device tp axis
+        plan = autopar.plan(model, autopar.Mesh(axes, hardware="h100-sxm"), (ids,), pipeline={"schedule": "1f1b"})
+        plan.save(tmp_path / "pp.json")
+        again = autopar.Plan.load(tmp_path / "pp.json")
+        assert again.pipeline == plan.pipeline and again.hash() == plan.hash()
