@@ -111,37 +111,54 @@ def _cases(axes):
     return [(m, s) for m in ("gpt", "hf_llama") for s in SCHEDULES] if FULL else ROTATION[_id(axes)]
 
 
-@pytest.mark.parametrize("axes", MESHES, ids=_id)
-def test_pipelined_numerics_match_single_device(axes):
-    cases = _cases(axes)
+def _world(axes) -> int:
     world = 1
     for n in axes.values():
         world *= n
+    return world
+
+
+def _check_meshes(rank, world, jobs):
+    return [_check(rank, world, axes, cases, plans) for axes, cases, plans in jobs]
+
+
+@pytest.mark.parametrize("world", [2, 4, 8], ids=lambda w: f"{w}ranks")
+def test_pipelined_numerics_match_single_device(world):
+    """Every mesh of ``world`` ranks in one launch ({pp: 4}, {pp: 2, tp: 2} and {pp: 2, dp: 2}
+    share theirs): starting 4 or 8 processes on 2 cores is a good part of the cost."""
     import autopar
 
     # the layout on the other axes, planned once per model (offline, as every rank would) and
     # shared by the schedules, which only change the pipeline part
     ids = torch.zeros(8, 16, dtype=torch.long)
-    plans = {}
-    for name, schedule in cases:
-        layers = max(LAYERS, axes["pp"] * (2 if schedule == "interleaved-1f1b" else 1))
-        if (name, layers) not in plans:
-            mesh = autopar.Mesh(axes, hardware=SHARDING_PRESET)
-            plans[name, layers] = autopar.plan(_model(name, layers), mesh, (ids,)).to_json()
-    reports = run_ranks(_check, world, axes, cases, plans)
-    for case in cases:
-        covered = set()
-        for rank, report in enumerate(reports):
-            r = report[case]
-            e = r["errs"]
-            assert r["schedule"] == case[1] and r["stages"] == axes["pp"] * (2 if case[1] == "interleaved-1f1b" else 1)
-            assert e["out"] < 1e-5 and e["grad"] < 1e-5 and e["loss"] < 1e-5, (case, rank, e)
-            assert e["param"] < 0.02 * LR and e["param_any"] < 3 * LR, (case, rank, e)
-            assert not r["fixups"], (case, r["fixups"])
-            covered.update(r["params"])
-            if "tp" in axes:  # the stages really run tensor-parallel inside
-                assert "tp" in r["sharded"], (case, r["sharded"])
-        assert covered == set(reports[0][case]["all_params"]), (case, set(reports[0][case]["all_params"]) - covered)
+    jobs = []
+    for axes in (m for m in MESHES if _world(m) == world):
+        cases, plans = _cases(axes), {}
+        for name, schedule in cases:
+            layers = max(LAYERS, axes["pp"] * (2 if schedule == "interleaved-1f1b" else 1))
+            if (name, layers) not in plans:
+                mesh = autopar.Mesh(axes, hardware=SHARDING_PRESET)
+                plans[name, layers] = autopar.plan(_model(name, layers), mesh, (ids,)).to_json()
+        jobs.append((axes, cases, plans))
+    results = run_ranks(_check_meshes, world, jobs)
+    for j, (axes, cases, _) in enumerate(jobs):
+        reports = [per_rank[j] for per_rank in results]
+        for case in cases:
+            covered = set()
+            where = (_id(axes), case)
+            for rank, report in enumerate(reports):
+                r = report[case]
+                e = r["errs"]
+                assert r["schedule"] == case[1], where
+                assert r["stages"] == axes["pp"] * (2 if case[1] == "interleaved-1f1b" else 1), where
+                assert e["out"] < 1e-5 and e["grad"] < 1e-5 and e["loss"] < 1e-5, (where, rank, e)
+                assert e["param"] < 0.02 * LR and e["param_any"] < 3 * LR, (where, rank, e)
+                assert not r["fixups"], (where, r["fixups"])
+                covered.update(r["params"])
+                if "tp" in axes:  # the stages really run tensor-parallel inside
+                    assert "tp" in r["sharded"], (where, r["sharded"])
+            missing = set(reports[0][case]["all_params"]) - covered
+            assert not missing, (where, missing)
 
 
 def _misuse(rank, world):
