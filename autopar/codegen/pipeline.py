@@ -33,7 +33,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import AutoparError, PlanError
 from . import lower as L
-from .runtime import Executor, _like, _placements, sync_gradients
+from .runtime import CompiledModule, Executor, _like, _placements, sync_gradients
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 
@@ -211,7 +211,7 @@ def sum_shared_grads(groups: list, m: int, params) -> None:
                 local.copy_(buf)
 
 
-class PipelinedModule(nn.Module):
+class PipelinedModule(CompiledModule):
     """The user's model on a mesh with a ``pp`` axis: this rank's stages, run by a schedule.
 
     * ``pm.train_step(*inputs, target=t, loss_fn=f)`` splits the batch (every input and the
@@ -226,14 +226,12 @@ class PipelinedModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, plan, traced, lowered, device_mesh, programs: list[StageProgram]):
-        super().__init__()
+        super().__init__(model, plan, traced, lowered, device_mesh)
         import torch.distributed as dist
         from torch.distributed.pipelining import PipelineStage
 
         from .runtime import install_parameters
 
-        for name, child in model.named_children():
-            self.add_module(name, child)
         pipe = plan.pipeline
         p = plan.mesh["pp"]
         names = device_mesh.mesh_dim_names
@@ -249,14 +247,12 @@ class PipelinedModule(nn.Module):
             for n in prog.state:
                 if n.name in fqn_of and prog.index % p not in holders.setdefault(n.name, []):
                     holders[n.name].append(prog.index % p)
-        keep = set()
-        tied = {id(q): [f for f, r in model.named_parameters(remove_duplicate=False) if r is q]
-                for q in model.parameters()}
+        names_of: dict[int, list[str]] = {}  # a parameter's every FQN (tied ones have several)
         by_fqn = dict(model.named_parameters(remove_duplicate=False))
-        for k in mine:
-            for n in programs[k].state:
-                if n.name in fqn_of:
-                    keep.update(tied[id(by_fqn[fqn_of[n.name]])])
+        for fqn, q in by_fqn.items():
+            names_of.setdefault(id(q), []).append(fqn)
+        keep = {f for k in mine for n in programs[k].state if n.name in fqn_of
+                for f in names_of[id(by_fqn[fqn_of[n.name]])]}
         install_parameters(self, model, plan, inner, axes=list(inner_names), keep=keep, hook=False)
         params = dict(self.named_parameters(remove_duplicate=False))
         buffers = dict(model.named_buffers(remove_duplicate=False))
@@ -287,37 +283,20 @@ class PipelinedModule(nn.Module):
                         group = g
             if name in state and pp_rank in ranks:
                 shared.append((state[name], group))
-        fixups: list = []
+        fixups = self._autopar["fixups"]
         device = torch.device(device_mesh.device_type, torch.cuda.current_device()) if device_mesh.device_type == "cuda" \
             else torch.device("cpu")
         modules = {k: StageModule(programs[k], lowered, inner, state, fixups) for k in mine}
         stages = [PipelineStage(modules[k], k, n_stages, device, group=pp_group) for k in mine]
-        object.__setattr__(self, "_autopar", {
-            "plan": plan, "traced": traced, "lowered": lowered, "mesh": device_mesh, "fixups": fixups,
-            "stages": stages, "modules": modules, "shared": shared, "schedules": {}, "pp_group": pp_group,
-            "last_rank": (n_stages - 1) % p, "microbatches": int(pipe["microbatches"]),
-            "schedule": pipe["schedule"], "programs": programs, "dp": plan.mesh.get("dp", 1)})
-
-    @property
-    def plan(self):
-        return self._autopar["plan"]
-
-    @property
-    def device_mesh(self):
-        return self._autopar["mesh"]
-
-    @property
-    def lowered_graph(self) -> fx.GraphModule:
-        """The whole rank-local program; this rank runs the stages in ``stage_programs``."""
-        return self._autopar["lowered"]
+        self._autopar.update(
+            stages=stages, modules=modules, shared=shared, schedules={}, pp_group=pp_group,
+            last_rank=(n_stages - 1) % p, microbatches=int(pipe["microbatches"]), schedule=pipe["schedule"],
+            programs=programs)
 
     @property
     def stage_programs(self) -> list[StageProgram]:
+        """This rank's stages' programs (``lowered_graph`` is the whole model's)."""
         return [self._autopar["programs"][k] for k in self._autopar["modules"]]
-
-    @property
-    def runtime_fixups(self) -> list[str]:
-        return self._autopar["fixups"]
 
     def _schedule(self, loss_fn):
         st = self._autopar
@@ -328,15 +307,11 @@ class PipelinedModule(nn.Module):
             if single and len(st["stages"]) != 1:
                 raise PlanError(f"schedule {st['schedule']!r} runs one stage per rank, but this plan puts "
                                 f"{len(st['stages'])} on each; use 'interleaved-1f1b' or 'zb-h1'", "$.pipeline.schedule")
-            tg = st["traced"]
             wrapped = None
             if loss_fn is not None:
-                template = st["programs"][-1].outputs
 
                 def wrapped(out, target):
-                    tensors = iter(out if isinstance(out, tuple) else (out,))
-                    flat = [next(tensors) if isinstance(o, fx.Node) else o for o in template]
-                    return loss_fn(pytree.tree_unflatten(flat, tg.out_spec), target)
+                    return loss_fn(self._outputs(out if isinstance(out, tuple) else (out,)), target)
 
             st["schedules"][key] = cls(st["stages"][0] if single else st["stages"], st["microbatches"],
                                        loss_fn=wrapped, scale_grads=False)
@@ -377,7 +352,6 @@ class PipelinedModule(nn.Module):
         flat = self._inputs(args, kwargs)
         with torch.no_grad():
             out = self._schedule(None).eval(*flat)
-        template = st["programs"][-1].outputs
         pp_rank = st["mesh"].get_local_rank("pp")
         metas = [None]
         if pp_rank == st["last_rank"]:
@@ -390,19 +364,11 @@ class PipelinedModule(nn.Module):
             dist.broadcast(t, group=st["pp_group"], group_src=st["last_rank"])
         if torch.is_grad_enabled():
             tensors = [_NoPipelineBackward.apply(t.requires_grad_()) if t.is_floating_point() else t for t in tensors]
+        return self._outputs(tensors)
+
+    def _outputs(self, tensors):
+        """The model's outputs, structured as it returns them, from the last stage's tensors."""
+        st = self._autopar
         it = iter(tensors)
-        flat = [next(it) if isinstance(o, fx.Node) else o for o in template]
+        flat = [next(it) if isinstance(o, fx.Node) else o for o in st["programs"][-1].outputs]
         return pytree.tree_unflatten(flat, st["traced"].out_spec)
-
-    def save_checkpoint(self, path) -> None:
-        """This rank's parameters, through torch.distributed.checkpoint (FQNs are unique across stages)."""
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(self.state_dict(), checkpoint_id=str(path))
-
-    def load_checkpoint(self, path) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        state = self.state_dict()
-        dcp.load(state, checkpoint_id=str(path))
-        self.load_state_dict(state)

@@ -204,21 +204,18 @@ def install_parameters(module: nn.Module, model: nn.Module, plan, mesh, axes=Non
             setattr(target, leaf, replaced[id(p)])
 
 
-class ParallelModule(nn.Module):
-    """The user's model, run as the plan says. Parameters keep their FQNs and are DTensors."""
+class CompiledModule(nn.Module):
+    """What every compiled module shares: the user's model's children (so that
+    ``named_parameters()`` keeps the FQNs), the plan, the mesh, the lowered program, the runtime's
+    fix-ups and checkpoints. Its state lives outside nn.Module's attribute machinery."""
 
     def __init__(self, model: nn.Module, plan, traced, lowered: fx.GraphModule, device_mesh):
         super().__init__()
-        # The model's own children become ours, so that named_parameters() keeps the FQNs.
         for name, child in model.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "_autopar", {
             "plan": plan, "traced": traced, "lowered": lowered, "mesh": device_mesh, "fixups": [],
             "root_cls": type(model).__name__})
-        install_parameters(self, model, plan, device_mesh)
-        for fqn, b in model.named_buffers():
-            if "." not in fqn:
-                self.register_buffer(fqn, b)
 
     @property
     def plan(self):
@@ -238,6 +235,31 @@ class ParallelModule(nn.Module):
     def runtime_fixups(self) -> list[str]:
         """Places where DTensor produced a placement other than the plan's (should stay empty)."""
         return self._autopar["fixups"]
+
+    def save_checkpoint(self, path) -> None:
+        """Save this rank's sharded parameters and buffers with torch.distributed.checkpoint (no
+        pickling); a pipeline's ranks save their own stages' (FQNs are unique across stages)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self.state_dict(), checkpoint_id=str(path))
+
+    def load_checkpoint(self, path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state = self.state_dict()
+        dcp.load(state, checkpoint_id=str(path))
+        self.load_state_dict(state)
+
+
+class ParallelModule(CompiledModule):
+    """The user's model, run as the plan says. Parameters keep their FQNs and are DTensors."""
+
+    def __init__(self, model: nn.Module, plan, traced, lowered: fx.GraphModule, device_mesh):
+        super().__init__(model, plan, traced, lowered, device_mesh)
+        install_parameters(self, model, plan, device_mesh)
+        for fqn, b in model.named_buffers():
+            if "." not in fqn:
+                self.register_buffer(fqn, b)
 
     def forward(self, *args, **kwargs):
         st = self._autopar
@@ -271,16 +293,3 @@ class ParallelModule(nn.Module):
         loss = loss_fn(self(*args, **kwargs), target)
         loss.backward()
         return loss.detach()
-
-    def save_checkpoint(self, path) -> None:
-        """Save sharded parameters and buffers with torch.distributed.checkpoint (no pickling)."""
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(self.state_dict(), checkpoint_id=str(path))
-
-    def load_checkpoint(self, path) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        state = self.state_dict()
-        dcp.load(state, checkpoint_id=str(path))
-        self.load_state_dict(state)
