@@ -181,12 +181,19 @@ def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=None, sc
     from ..solvers.inter_op import SCHEDULES, VIRTUAL_STAGES, choose_pipeline
     from .trace import trace
 
+    if stages is not None and not isinstance(stages, dict):
+        raise AutoparError(f"pipeline= takes a dict such as {{'schedule': '1f1b', 'microbatches': 8}}, got {stages!r}")
     fixed = dict(stages or {})
     bad = sorted(set(fixed) - set(FIXABLE))
     if bad:
-        raise AutoparError(f"stages fixes only {FIXABLE}; got {bad}")
+        raise AutoparError(f"pipeline= fixes only {FIXABLE}; got {bad}")
+    if "schedule" in fixed and fixed["schedule"] not in SCHEDULES:
+        raise AutoparError(f"pipeline schedule {fixed['schedule']!r} is unknown; choose one of {SCHEDULES}")
+    for key in ("microbatches", "virtual_stages"):
+        if key in fixed and (not isinstance(fixed[key], int) or isinstance(fixed[key], bool) or fixed[key] < 1):
+            raise AutoparError(f"pipeline {key} must be a positive int, got {fixed[key]!r}")
     if "bounds" in fixed and not {"schedule", "microbatches"} <= set(fixed):
-        raise AutoparError("stages with 'bounds' also needs 'schedule' and 'microbatches': the split is priced, "
+        raise AutoparError("pipeline= with 'bounds' also needs 'schedule' and 'microbatches': the split is priced, "
                            "not searched")
     schedules = (fixed["schedule"],) if "schedule" in fixed else tuple(schedules or SCHEDULES)
     virtual = (int(fixed["virtual_stages"]),) if "virtual_stages" in fixed else VIRTUAL_STAGES
@@ -221,7 +228,10 @@ def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=None, sc
     if "bounds" in fixed:
         result = _price_fixed(fixed, totals, link, pp, counts[0], schedules[0], limit)
     else:
-        result = choose_pipeline({m: per_microbatch(totals, link, m) for m in counts}, pp, schedules, limit, virtual)
+        try:
+            result = choose_pipeline({m: per_microbatch(totals, link, m) for m in counts}, pp, schedules, limit, virtual)
+        except ValueError as e:  # the solver's arrays-level check, said as the user gave it
+            raise AutoparError(f"pipeline={fixed!r}: {e}") from None
     say(f"stages solved in {time.perf_counter() - t1:.1f} s over microbatch counts {counts}")
     return inner, result, names
 
@@ -235,6 +245,9 @@ def _price_fixed(fixed: dict, totals, link, pp: int, m: int, schedule: str, limi
     t, c, w, a, tf, tw = per_microbatch(totals, link, m)
     L, bounds = len(totals[0]), fixed["bounds"]
     if bounds != "equal":
+        if not isinstance(bounds, list) or not bounds or len(bounds) % pp:
+            raise AutoparError(f"pipeline bounds must be 'equal' or a list of [start, end) layer ranges, pp={pp} or a "
+                               f"multiple of it (v stages per rank); got {bounds!r}")
         vs = [len(bounds) // pp]
     elif "virtual_stages" in fixed or schedule != "interleaved-1f1b":
         vs = [int(fixed.get("virtual_stages", 1))]
@@ -249,6 +262,8 @@ def _price_fixed(fixed: dict, totals, link, pp: int, m: int, schedule: str, limi
             priced.append(evaluate_stages(t, c, w, a, pp, m, schedule, split, limit, tf=tf, tw=tw, virtual_stages=v))
         except InfeasibleError as e:
             why.append(e)
+        except ValueError as e:  # the solver's arrays-level check, said as the user gave it
+            raise AutoparError(f"pipeline={fixed!r}: {e}") from None
     if not priced:
         raise why[0]
     return min(priced, key=lambda plan: plan.step_time)

@@ -100,6 +100,14 @@ def test_pp_errors_say_what_to_do():
     model, inputs = _model()
     with pytest.raises(autopar.AutoparError, match="need at least 16 layers"):
         autopar.plan(model, autopar.Mesh({"pp": 16}, hardware="h100-sxm"), inputs)
+    mesh = autopar.Mesh({"pp": 2}, hardware="h100-sxm")
+    for bad, why in [("1f1b", "takes a dict"), ({"schedule": "foo"}, "'foo' is unknown"),
+                     ({"virtual_stages": 0}, "virtual_stages must be a positive int"),
+                     ({"schedule": "interleaved-1f1b", "virtual_stages": 1}, "virtual_stages >= 2"),
+                     ({"bounds": [[0, 8]], "schedule": "1f1b", "microbatches": 2}, "pp=2 or a multiple"),
+                     ({"bounds": [[0, 1], [2, 8]], "schedule": "1f1b", "microbatches": 2}, "contiguous")]:
+        with pytest.raises(autopar.AutoparError, match=why):
+            autopar.plan(model, mesh, inputs, pipeline=bad)
 
 
 def test_microbatches_divide_the_batch_on_one_device_and_stages_can_be_fixed():
