@@ -9,8 +9,9 @@ from .mesh import Mesh
 from .plan import Plan  # noqa: E402  (loads the submodule autopar.plan before the function shadows it)
 from .api import compile, plan  # noqa: E402,A004  the function autopar.plan replaces the submodule attribute
 from .codegen.runtime import ParallelModule  # noqa: E402
+from .batching import BatchPlan, plan_batch  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["AutoparError", "InfeasibleError", "MeshError", "PlanError", "TraceError", "Mesh", "Plan", "ParallelModule",
-           "plan", "compile"]
+           "plan", "compile", "BatchPlan", "plan_batch"]

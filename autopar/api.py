@@ -27,7 +27,8 @@ def _check(model, mesh, mode, optimizer="adamw"):
 
 def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
          time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None, op_profile="auto",
-         pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None):
+         pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
+         context_parallel: str = "auto"):
     """Plan ``model`` on ``mesh`` without running anything; works on the ``meta`` device.
 
     ``pins`` fixes placements the solver must keep: ``{"blocks.*.fc1.weight": "S(0)"}`` (fnmatch
@@ -40,7 +41,10 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     blocks into pipeline stages (``plan.pipeline``): the solver chooses the schedule, microbatch
     count, stages per rank and split, unless ``pipeline`` fixes some of them (``{"schedule":
     "interleaved-1f1b", "virtual_stages": 2, "microbatches": 192, "bounds": "equal"}``; see
-    ``passes.pipeline.plan_pipeline``'s ``stages``). Returns an
+    ``passes.pipeline.plan_pipeline``'s ``stages``). A ``cp`` axis shards the inputs' sequence
+    dim; ``context_parallel`` ("auto", "ring", "ulysses") says how attention runs on it: the
+    solver's choice per layer, ring attention everywhere, or Ulysses (head-sharded) everywhere.
+    Returns an
     ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and ``InfeasibleError``
     if no layout fits the device memory.
     """
@@ -49,7 +53,8 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     if "pp" in mesh.axes:
         return _plan_pipelined(model, mesh, example_inputs, mode=mode, example_kwargs=example_kwargs,
                                time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=say,
-                               op_profile=op_profile, pins=pins, optimizer=optimizer, stages=pipeline)
+                               op_profile=op_profile, pins=pins, optimizer=optimizer, stages=pipeline,
+                               context_parallel=context_parallel)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     from .passes.trace import trace
@@ -58,7 +63,8 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     tg = trace(model, example_inputs, example_kwargs)
     say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     return plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
-                       progress=say, trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer)
+                       progress=say, trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
+                       context_parallel=context_parallel)
 
 
 def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, progress, **options):
@@ -99,7 +105,7 @@ def _op_profile(spec, hw):
 
 
 def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None,
-                op_profile="auto", pins=None, optimizer="adamw"):
+                op_profile="auto", pins=None, optimizer="adamw", context_parallel="auto"):
     from .passes.annotate import annotate
     from .passes.build_plan import build_plan
     from .solvers.intra_op import solve
@@ -124,7 +130,7 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     if prof is not None:
         progress(f"costing ops with the profile {prof.path} ({len(prof.ops)} measured op calls)")
     an = annotate(tg, mesh.axes, hw, mode, trainable=trainable, joint=joint, profile=prof, pins=pins,
-                  optimizer=optimizer)
+                  optimizer=optimizer, context_parallel=context_parallel)
     an.warnings.extend(warnings)
     n_strats = sum(len(s) for s in an.strategies)
     progress(f"annotated {len(an.nodes)} decision nodes, {n_strats} strategies, {len(an.edges)} edges "
@@ -139,6 +145,8 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     if fixed:  # the runtime's fixed cost per step (profiled): the same for every layout
         plan.time_breakdown["runtime_s"] = fixed
         plan.step_time_s += fixed
+    if context_parallel != "auto":
+        plan.solver["context_parallel"] = context_parallel
     if pins:
         import json
 
@@ -148,7 +156,8 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
 
 def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
             plan=None, time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None,
-            op_profile="auto", pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None):
+            op_profile="auto", pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
+            context_parallel: str = "auto"):
     """Plan (or take ``plan``) and build the ParallelModule. Call on every rank.
 
     Every rank must reach the same plan; the plan hashes are compared across ranks and a
@@ -172,14 +181,16 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
     if "pp" in mesh.axes:
         return _compile_pipelined(model, mesh, device_mesh, example_inputs, example_kwargs, plan, mode=mode,
                                   time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=progress,
-                                  op_profile=op_profile, pins=pins, optimizer=optimizer, pipeline=pipeline)
+                                  op_profile=op_profile, pins=pins, optimizer=optimizer, pipeline=pipeline,
+                                  context_parallel=context_parallel)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     tg = trace(model, example_inputs, example_kwargs)
     if plan is None:
         plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                            progress=progress or (lambda m: None),
-                           trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer)
+                           trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
+                           context_parallel=context_parallel)
     else:
         check_graph_hash(plan, tg.graph_hash)
         if dict(plan.mesh) != dict(mesh.axes):

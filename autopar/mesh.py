@@ -41,13 +41,13 @@ class Mesh:
         bad_sizes = {a: n for a, n in axes.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
         if bad_sizes:
             raise MeshError(f"mesh axis sizes must be positive integers, got {bad_sizes}")
-        unsupported = [a for a in axes if a not in ("pp", "dp", "tp")]
+        unsupported = [a for a in axes if a not in ("pp", "dp", "cp", "tp")]
         if unsupported:
-            # Only pipeline (planned, not run yet), data and tensor parallelism exist so far; other
-            # axes would be silently ignored, which is worse than refusing.
+            # Expert parallelism does not exist yet; the axis would be silently ignored, which is
+            # worse than refusing.
             raise MeshError(
-                f"mesh axis {unsupported} is not supported yet: autopar currently plans 'pp', 'dp' and 'tp' axes; "
-                "fold the devices into dp/tp for now"
+                f"mesh axis {unsupported} is not supported yet: autopar currently plans 'pp', 'dp', 'cp' and 'tp' "
+                "axes; fold the devices into dp/tp for now"
             )
         self.axes: dict[str, int] = {a: axes[a] for a in AXIS_ORDER if a in axes}
         self.given_order = tuple(axes)

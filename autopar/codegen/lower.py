@@ -161,7 +161,7 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
         pls = entry["placements"]
         pls_str = [None if p is None else tuple(p[a] for a in axes) for p in (pls if isinstance(pls, list) else [pls])]
         if entry.get("source") in ("autopar", "fallback", "factory") or op_name(node) in OWN_RULES:
-            new = g.call_function(local_call, (node.target, tuple(pls_str), tuple(args), kwargs))
+            new = g.call_function(local_call, (_local_op(node, pls_str[0], axes), tuple(pls_str), tuple(args), kwargs))
         else:
             # view -> reshape: identical values in a functional graph, but a shard whose strides
             # differ from the traced tensor's (size-1 local dims, kernels run on shards) may not
@@ -179,6 +179,19 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
         if pls is not None:
             n.meta[META_PLACED] = tuple(map(str, pls))
     return fx.GraphModule(torch.nn.Module(), g)
+
+
+RING_ATTENTION = "autopar.ring_attention"  # a local_call op by name: the executor binds it to codegen/ring.py
+
+
+def _local_op(node: fx.Node, out_pl, axes: list):
+    """What a ``local_call`` runs: the node's own op, or ring attention for sdpa whose output is
+    sequence-sharded on ``cp`` (strategies._sdpa_rules)."""
+    if op_name(node) == "aten.scaled_dot_product_attention.default" and "cp" in axes and out_pl is not None:
+        p = parse(out_pl[axes.index("cp")])
+        if p.kind == "S" and p.dim == node.meta["val"].dim() - 2:
+            return RING_ATTENTION
+    return node.target
 
 
 def count_collectives(gm: fx.GraphModule) -> dict[tuple[str, str], int]:

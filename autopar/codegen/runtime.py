@@ -73,7 +73,12 @@ class Executor(fx.Interpreter):
         if target is L.local_call:
             op, pls, op_args, op_kwargs = args
             local_args, local_kwargs = pytree.tree_map_only(DTensor, lambda t: t.to_local(), (op_args, op_kwargs))
-            out = op(*local_args, **local_kwargs)
+            if op == L.RING_ATTENTION:  # collectives inside, on the mesh's cp group
+                from .ring import ring_attention
+
+                out = ring_attention(self.mesh, *local_args, **local_kwargs)
+            else:
+                out = op(*local_args, **local_kwargs)
             metas = self.current_meta if isinstance(self.current_meta, (tuple, list)) else (self.current_meta,)
             outs = out if isinstance(out, (tuple, list)) else (out,)
             wrapped = [o if not isinstance(o, torch.Tensor) or p is None else

@@ -52,12 +52,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..cost_models.comm import axis_links, price_steps
+from ..cost_models.comm import axis_links, collective_time, price_steps
 from ..cost_models.compute import compute_time, op_bytes, op_flops
 from ..cost_models.hardware import Hardware
 from ..cost_models.memory import saved_by, state_bytes, update_cost
 from ..cost_models.profile import op_call, op_class
-from ..placements import REPLICATE, Placement, local_shape
+from ..placements import REPLICATE, Placement, local_shape, shard
 from ..solvers.intra_op import ShardingProblem
 from .strategies import (OWN_RULES, SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, op_name, outputs_meta,
                          redistribute_steps, tensor_candidates, tensor_inputs)
@@ -173,7 +173,8 @@ def _is_float(t) -> bool:
 
 def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
              trainable: set[str] | None = None, joint: dict | None = None, profile=None,
-             collect: bool = False, pins: dict | None = None, optimizer: str = "adamw") -> Annotated:
+             collect: bool = False, pins: dict | None = None, optimizer: str = "adamw",
+             context_parallel: str = "auto") -> Annotated:
     """Enumerate strategies for every decision node and cost every node and edge.
 
     ``pins`` ({pattern: placement}) fixes the placement of the parameters (by FQN) and graph
@@ -207,11 +208,13 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
             val = node.meta.get("val")
             k = "param" if node.name in tg.params else "buffer" if node.name in tg.buffers or node.name in tg.constants else "input"
             cands = tensor_candidates(tuple(val.shape), ctx.axis_sizes) if isinstance(val, torch.Tensor) else [()]
-            if k == "param" and "dp" in axes:
-                # A "dp" axis is data parallel: parameters are replicated along it and the solver
-                # shards activations. (Sharded parameters along dp, ZeRO-3, are not planned yet.)
-                dp = list(axes).index("dp")
-                cands = [pl for pl in cands if pl[dp].kind == "R"]
+            for ax in ("dp", "cp"):
+                if k == "param" and ax in axes:
+                    # "dp" and "cp" axes split the data (batch rows, sequence positions): parameters
+                    # are replicated along them. (Sharded parameters along dp, ZeRO-3, are not planned yet.)
+                    cands = [pl for pl in cands if pl[list(axes).index(ax)].kind == "R"]
+            if k == "input" and "cp" in axes:
+                cands = _sequence_sharded(node, cands, axes)
             add(node, k, [Strategy((pl,), (), "input") for pl in cands])
             needs_grad[node] = k == "param" and tg.params[node.name] in trainable and _is_float(val)
             continue
@@ -244,6 +247,7 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
 
     if pins:
         _apply_pins(pins, tg, axes, nodes, kind, strategies)
+    _choose_attention(context_parallel, axes, nodes, strategies)
     node_cost, node_mem = [], []
     joint = joint or {}
     for v, node in enumerate(nodes):
@@ -292,6 +296,61 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
 
     return Annotated(tg, axes, mode, nodes, kind, strategies, edges, node_cost, node_mem, edge_cost,
                      ctx=ctx, warnings=list(enum.warnings), optimizer=optimizer, saves=saves)
+
+
+ATTENTION_SCHEMES = ("auto", "ring", "ulysses")
+
+
+def attention_scheme(node, s: Strategy, names: tuple) -> str | None:
+    """How strategy ``s`` runs attention on the ``cp`` axis: "ring" (sequence-sharded), "ulysses"
+    (head-sharded: the sequence shards are moved by all-to-all), "batch" or "replicated"."""
+    if "cp" not in names or op_name(node) not in OWN_RULES:
+        return None
+    q = s.ins[0][names.index("cp")]
+    if q.kind != "S":
+        return "replicated"
+    return {0: "batch", 1: "ulysses"}.get(q.dim, "ring")
+
+
+def _choose_attention(choice: str, axes: dict, nodes, strategies) -> None:
+    """``context_parallel="ring"|"ulysses"``: keep only that scheme's strategies for every sdpa."""
+    from ..errors import AutoparError
+
+    if choice not in ATTENTION_SCHEMES:
+        raise AutoparError(f"context_parallel={choice!r}: expected one of {sorted(ATTENTION_SCHEMES)}")
+    if choice == "auto":
+        return
+    if "cp" not in axes:
+        raise AutoparError(f"context_parallel={choice!r} needs a 'cp' mesh axis; the mesh is {axes}")
+    names = tuple(axes)
+    for v, node in enumerate(nodes):
+        if op_name(node) not in OWN_RULES:
+            continue
+        keep = [s for s in strategies[v] if attention_scheme(node, s, names) == choice]
+        if not keep:
+            q, k = (a.meta["val"] for a in tensor_inputs(node)[:2])
+            why = (f"Ulysses shards heads: cp={axes['cp']} must divide the query heads ({q.shape[1]}) and the "
+                   f"key/value heads ({k.shape[1]}); use context_parallel='ring'" if choice == "ulysses" else
+                   "ring attention needs causal or unmasked attention without dropout; use context_parallel='ulysses'")
+            raise AutoparError(f"{node.name}: no {choice} strategy: {why}")
+        strategies[v] = keep
+
+
+def _sequence_sharded(node, cands: list, axes: dict) -> list:
+    """A ``cp`` axis shards every model input on its sequence dim (dim 1, batch first) when it has
+    one; the solver then chooses how each op treats the shards (ring attention, Ulysses, gathering)."""
+    cp = list(axes).index("cp")
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return cands
+    seq = [pl for pl in cands if pl[cp] == shard(1)]
+    if not seq:
+        from ..errors import AutoparError
+
+        raise AutoparError(f"mesh axis cp={axes['cp']} shards the sequence, but input {node.name!r} has sequence "
+                           f"length {val.shape[1]} (dim 1 of shape {tuple(val.shape)}), not divisible by {axes['cp']}; "
+                           "pad the sequence or pick a cp size that divides it")
+    return seq
 
 
 def _apply_pins(pins: dict, tg: TracedGraph, axes: dict, nodes, kind, strategies) -> None:
@@ -397,8 +456,14 @@ def _op_time(node, s: Strategy, ctx: CostContext, train: bool, grad_mask: tuple,
     ref = next((t for t in outs if t is not None), ins[0] if ins else None)
     itemsize = ref.element_size() if ref is not None else 4
     dtype = str(ref.dtype) if ref is not None else "torch.float32"
+    ring = ring_axis(node, s, ctx.names)
+    if ring is not None:  # ring attention: every rank meets every key block
+        p = ctx.axis_sizes[ring]
+        in_shapes = [in_shapes[0], *[(*sh[:-2], sh[-2] * p, sh[-1]) for sh in in_shapes[1:3]], *in_shapes[3:]]
     roof = compute_time(op_flops(name, in_shapes, out_shapes), op_bytes(name, in_shapes, out_shapes, itemsize),
                         dtype, ctx.hw)
+    if ring is not None:
+        return _ring_time(in_shapes, itemsize, roof, ring, ctx, train, mult) + ovh
     if ctx.profile is None and not ctx.collect:
         return mult * roof
     cls = op_class(name)
@@ -412,6 +477,41 @@ def _op_time(node, s: Strategy, ctx: CostContext, train: bool, grad_mask: tuple,
             return t + ovh
     est = ctx.profile.estimate(cls, roof, mult) if ctx.profile is not None else None
     return (mult * roof if est is None else est) + ovh
+
+
+def ring_axis(node, s: Strategy, names: tuple) -> int | None:
+    """The ``cp`` axis index if ``s`` runs this sdpa as ring attention (q sequence-sharded on cp)."""
+    if "cp" not in names or op_name(node) not in OWN_RULES or not s.outs or s.outs[0] is None:
+        return None
+    cp = names.index("cp")
+    q = s.ins[0][cp]
+    return cp if q.kind == "S" and q.dim == len(node.meta["val"].shape) - 2 else None
+
+
+def _ring_time(shapes, itemsize: int, compute_s: float, axis: int, ctx: CostContext, train: bool, mult: float) -> float:
+    r"""Seconds of ring attention on P ranks (codegen/ring.py), forward plus backward when training.
+
+    The forward passes the local K/V block P−1 times (``send_recv`` of b_kv bytes each), posted
+    before each block's compute; the backward passes K, V, dK and dV P times. A pass costs
+    max(compute, communication), since the two overlap, plus the causal zig-zag exchange of one
+    query half and one output half (and their gradients)::
+
+        T = max(c_f, (P−1)·t(b_kv)) + 2·t(b_q/2)
+          + [max(c_b, P·t(2·b_kv)) + 2·t(b_q/2)]        (training)
+
+    with c_f the block compute (the roofline over the local queries and all keys) and c_b =
+    (mult − 1)·c_f.
+    """
+    p, link = ctx.axis_sizes[axis], ctx._op_links[axis]
+    link = link.get("send_recv", link) if isinstance(link, dict) else link
+    q, k, v = shapes[:3]
+    kv_bytes = (math.prod(k) + math.prod(v)) / p * itemsize
+    hop = lambda n: collective_time("send_recv", n, 2, link)  # noqa: E731
+    relayout = 2 * hop(math.prod(q) * itemsize / 2)
+    t = max(compute_s, (p - 1) * hop(kv_bytes)) + relayout
+    if train and mult > 1:
+        t += max((mult - 1) * compute_s, p * hop(2 * kv_bytes)) + relayout
+    return t
 
 
 def _node_memory(node, kind, s: Strategy, ctx: CostContext, train: bool, needs_grad: bool,

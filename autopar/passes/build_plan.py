@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from ..placements import local_shape
-from .annotate import Annotated, grad_placements
+from .annotate import Annotated, attention_scheme, grad_placements
 from .strategies import VIEW_OPS, op_name, outputs_meta, redistribute_steps
 
 
@@ -122,6 +122,25 @@ def build_plan(an: Annotated, solution, hardware: str):
                  for i, t in enumerate(alts) if math.isfinite(t)), key=lambda d: d["cost_s"]),
             "reason": "local cost (the parameter's own update, its gradient sync and the redistributions "
                       "to its consumers) with every other choice held fixed",
+        }
+
+    for v, node in enumerate(an.nodes):
+        scheme = attention_scheme(node, chosen[v], tuple(axes)) if an.kind[v] == "op" else None
+        if scheme is None:
+            continue
+        nodes[v]["attention"] = scheme
+        alts = _local_alternatives(an, v, choice, touching.get(v, ()))
+        by_scheme: dict[str, float] = {}
+        for i, t in enumerate(alts):
+            k = attention_scheme(node, an.strategies[v][i], tuple(axes))
+            if math.isfinite(t) and t < by_scheme.get(k, math.inf):
+                by_scheme[k] = float(t)
+        explanations[node.name] = {
+            "chosen": scheme,
+            "alternatives": sorted(({"attention": k, "cost_s": t, "delta_s": t - by_scheme.get(scheme, t)}
+                                    for k, t in by_scheme.items()), key=lambda d: d["cost_s"]),
+            "reason": "attention on the cp axis: the best strategy of each scheme (its compute, ring passes or "
+                      "all-to-alls, and the redistributions to and from its neighbours) with every other choice held fixed",
         }
 
     for entry, b in zip(nodes, node_bytes):

@@ -226,7 +226,7 @@ class StrategyEnumerator:
         own = OWN_RULES.get(name)
         try:
             if own is not None:
-                rules = own(node, ins_meta)
+                rules = own(node, ins_meta, tuple(self.axes))
                 found = self._expand_single_dim(rules, len(outs_meta), source="autopar")
             elif node.target in _dt().op_single_dim_strategy_funcs:
                 found = self._single_dim(node, ins, outs_meta)
@@ -270,13 +270,17 @@ class StrategyEnumerator:
         return self._expand_single_dim(rules, len(rules[0]) - len(ins) if rules else len(outs_meta), source="dtensor")
 
     def _expand_single_dim(self, rules, n_out: int, source: str) -> list[Strategy]:
-        """Every combination of one per-axis rule per mesh axis (the all-R rule always included)."""
-        if not rules:
+        """Every combination of one per-axis rule per mesh axis (the all-R rule always included).
+
+        ``rules`` is one list for every axis, or (autopar's own rules) a list of lists, one per axis.
+        """
+        per_axis_rules = rules if rules and isinstance(rules[0], list) else [rules] * len(self.axis_sizes)
+        if not any(per_axis_rules):
             return []
-        width = len(rules[0])
+        width = len(next(r for r in per_axis_rules if r)[0])
         rep_rule = tuple(REPLICATE for _ in range(width))
-        rules = list(dict.fromkeys([rep_rule] + [r for r in rules if len(r) == width]))
-        per_axis = [rules if n > 1 else [rep_rule] for n in self.axis_sizes]
+        per_axis = [list(dict.fromkeys([rep_rule] + [r for r in rs if len(r) == width])) if n > 1 else [rep_rule]
+                    for rs, n in zip(per_axis_rules, self.axis_sizes)]
         out = []
         for combo in itertools.product(*per_axis):
             cols = list(zip(*combo))  # cols[k] = placements of operand k across axes
@@ -331,9 +335,16 @@ class StrategyEnumerator:
 # [outputs..., inputs...]. Expanded over the mesh like DTensor's.
 # ---------------------------------------------------------------------------------------------
 
-def _sdpa_rules(node: fx.Node, ins_meta) -> list[tuple]:
+def _sdpa_rules(node: fx.Node, ins_meta, axis_names: tuple) -> list[list[tuple]]:
     """Attention is independent per batch row and per head: shard q, k, v and out alike on
-    dim 0 (batch) or dim 1 (heads). A mask follows unless it broadcasts along that dim."""
+    dim 0 (batch) or dim 1 (heads). A mask follows unless it broadcasts along that dim.
+
+    On a ``cp`` axis it is also independent per query row, given every key: ring attention
+    (codegen/ring.py) shards q, k, v and out on the sequence dim (-2) and passes K/V blocks round
+    the ring. Causal or unmasked attention only, without dropout: the ring skips and balances
+    blocks by position. Heads sharding on ``cp`` is Ulysses: the solver pays the all-to-alls that
+    move sequence-sharded q, k, v to head-sharded and back, on the edges.
+    """
     q = ins_meta[0]
     rules = []
     for d in (0, 1):
@@ -346,7 +357,19 @@ def _sdpa_rules(node: fx.Node, ins_meta) -> list[tuple]:
         # [r*Hq/n, (r+1)*Hq/n) and exactly the kv heads they use, when n divides both counts
         # (checked by the divisibility filter).
         rules.append(tuple(row))
-    return rules
+    per_axis = [list(rules) for _ in axis_names]
+    if "cp" in axis_names and ring_ok(node):
+        per_axis[axis_names.index("cp")].append((shard(q.dim() - 2),) * 4)
+    return per_axis
+
+
+def ring_ok(node: fx.Node) -> bool:
+    """Whether ring attention can run this sdpa call: no mask tensor, no dropout, 4-D q."""
+    from ..codegen.ring import sdpa_arguments
+
+    a = sdpa_arguments(node.args, node.kwargs)
+    q = a["query"].meta["val"] if isinstance(a["query"], fx.Node) else None
+    return a["attn_mask"] is None and not a["dropout_p"] and q is not None and q.dim() == 4
 
 
 OWN_RULES = {"aten.scaled_dot_product_attention.default": _sdpa_rules}

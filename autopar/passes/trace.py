@@ -13,8 +13,10 @@ graph for inspection and for counting backward work.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +96,33 @@ def _decomposition_table():
     return table
 
 
+@contextlib.contextmanager
+def _causal_masks_as_flags(kwargs: dict):
+    """Let HuggingFace models pass ``is_causal=True`` to sdpa while exported, as they do eagerly.
+
+    While exporting, transformers builds an explicit [B, 1, S, S] causal mask, for two reasons
+    that do not hold for autopar's graph, which is specialised to the example inputs: the graph
+    might later be fed a padding mask, and position ids (a traced tensor) might describe packed
+    sequences. When the caller passes neither ``attention_mask`` nor ``position_ids``, transformers
+    makes the positions itself as one ``arange`` per row, so nothing is packed or padded. An
+    explicit mask would cost S² memory per sequence and hide the causal structure that ring
+    attention skips and balances. With either input given, the mask is built as transformers wants.
+    """
+    mu = sys.modules.get("transformers.masking_utils")
+    names = ("is_torchdynamo_exporting", "find_packed_sequence_indices")
+    if mu is None or not all(hasattr(mu, n) for n in names) or {"attention_mask", "position_ids"} & set(kwargs):
+        yield
+        return
+    saved = {n: getattr(mu, n) for n in names}
+    mu.is_torchdynamo_exporting = lambda: False
+    mu.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(mu, n, f)
+
+
 def _check_inputs(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -112,7 +141,8 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     args = _check_inputs(example_inputs)
     kwargs = dict(example_kwargs or {})
     try:
-        source = torch.export.export(model, args, kwargs, strict=False)
+        with _causal_masks_as_flags(kwargs):
+            source = torch.export.export(model, args, kwargs, strict=False)
         ep = source.run_decompositions(_decomposition_table())
     except Exception as exc:  # torch raises many unrelated types here
         raise _explain_export_failure(model, exc) from exc

@@ -47,7 +47,7 @@ def _param_tolerance(name) -> float:
     return 1e-6 if name in ZERO_GRAD_MODELS else 0.02 * LR
 
 
-def _check_models(rank, world, axes, names, pins=None):
+def _check_models(rank, world, axes, names, pins=None, options=None):
     import autopar
     from models import build, logits, rel_err
 
@@ -56,7 +56,7 @@ def _check_models(rank, world, axes, names, pins=None):
         model, inputs = build(name)
         ref = copy.deepcopy(model)
         pm = autopar.compile(model, autopar.Mesh(axes, hardware=SHARDING_PRESET), example_inputs=inputs,
-                             pins=(pins or {}).get(name))
+                             pins=(pins or {}).get(name), **(options or {}))
         ref_opt, opt = _optimizer(name, ref.parameters()), _optimizer(name, pm.parameters())
         errs = {"out": 0.0, "grad": 0.0, "param": 0.0}
         for step in range(3):
@@ -79,7 +79,8 @@ def _check_models(rank, world, axes, names, pins=None):
                         "placements": pm.plan.param_placements,
                         "sharded_axes": sorted({a for n in pm.plan.nodes if isinstance(n["placements"], dict)
                                                 for a, p in n["placements"].items() if p.startswith("S(")}),
-                        "fqns": sorted(n for n, _ in pm.named_parameters())}
+                        "fqns": sorted(n for n, _ in pm.named_parameters()),
+                        "attention": sorted({n["attention"] for n in pm.plan.nodes if n.get("attention")})}
     return report
 
 
