@@ -28,7 +28,7 @@ def _check(model, mesh, mode, optimizer="adamw"):
 def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
          time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None, op_profile="auto",
          pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
-         context_parallel: str = "auto"):
+         context_parallel: str = "auto", sequence_parallel: bool | None = None):
     """Plan ``model`` on ``mesh`` without running anything; works on the ``meta`` device.
 
     ``pins`` fixes placements the solver must keep: ``{"blocks.*.fc1.weight": "S(0)"}`` (fnmatch
@@ -44,6 +44,10 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     ``passes.pipeline.plan_pipeline``'s ``stages``). A ``cp`` axis shards the inputs' sequence
     dim; ``context_parallel`` ("auto", "ring", "ulysses") says how attention runs on it: the
     solver's choice per layer, ring attention everywhere, or Ulysses (head-sharded) everywhere.
+    ``sequence_parallel=True`` forces Megatron sequence parallelism on ``tp``: activations that
+    carry the sequence dim are never replicated on tp (layernorms and residuals run
+    sequence-sharded; all-reduces become reduce-scatter + all-gather pairs). ``None`` leaves it
+    to the solver, which takes it where it pays (memory or time); ``False`` forbids it.
     Returns an
     ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and ``InfeasibleError``
     if no layout fits the device memory.
@@ -54,7 +58,7 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
         return _plan_pipelined(model, mesh, example_inputs, mode=mode, example_kwargs=example_kwargs,
                                time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=say,
                                op_profile=op_profile, pins=pins, optimizer=optimizer, stages=pipeline,
-                               context_parallel=context_parallel)
+                               context_parallel=context_parallel, sequence_parallel=sequence_parallel)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     from .passes.trace import trace
@@ -64,7 +68,7 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     return plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                        progress=say, trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
-                       context_parallel=context_parallel)
+                       context_parallel=context_parallel, sequence_parallel=sequence_parallel)
 
 
 def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, progress, **options):
@@ -105,7 +109,7 @@ def _op_profile(spec, hw):
 
 
 def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None,
-                op_profile="auto", pins=None, optimizer="adamw", context_parallel="auto"):
+                op_profile="auto", pins=None, optimizer="adamw", context_parallel="auto", sequence_parallel=None):
     from .passes.annotate import annotate
     from .passes.build_plan import build_plan
     from .solvers.intra_op import solve
@@ -130,7 +134,7 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     if prof is not None:
         progress(f"costing ops with the profile {prof.path} ({len(prof.ops)} measured op calls)")
     an = annotate(tg, mesh.axes, hw, mode, trainable=trainable, joint=joint, profile=prof, pins=pins,
-                  optimizer=optimizer, context_parallel=context_parallel)
+                  optimizer=optimizer, context_parallel=context_parallel, sequence_parallel=sequence_parallel)
     an.warnings.extend(warnings)
     n_strats = sum(len(s) for s in an.strategies)
     progress(f"annotated {len(an.nodes)} decision nodes, {n_strats} strategies, {len(an.edges)} edges "
@@ -147,6 +151,8 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
         plan.step_time_s += fixed
     if context_parallel != "auto":
         plan.solver["context_parallel"] = context_parallel
+    if sequence_parallel is not None:
+        plan.solver["sequence_parallel"] = bool(sequence_parallel)
     if pins:
         import json
 
@@ -157,7 +163,7 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
 def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
             plan=None, time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None,
             op_profile="auto", pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
-            context_parallel: str = "auto"):
+            context_parallel: str = "auto", sequence_parallel: bool | None = None):
     """Plan (or take ``plan``) and build the ParallelModule. Call on every rank.
 
     Every rank must reach the same plan; the plan hashes are compared across ranks and a
@@ -182,7 +188,7 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
         return _compile_pipelined(model, mesh, device_mesh, example_inputs, example_kwargs, plan, mode=mode,
                                   time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=progress,
                                   op_profile=op_profile, pins=pins, optimizer=optimizer, pipeline=pipeline,
-                                  context_parallel=context_parallel)
+                                  context_parallel=context_parallel, sequence_parallel=sequence_parallel)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     tg = trace(model, example_inputs, example_kwargs)
@@ -190,7 +196,7 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
         plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                            progress=progress or (lambda m: None),
                            trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
-                           context_parallel=context_parallel)
+                           context_parallel=context_parallel, sequence_parallel=sequence_parallel)
     else:
         check_graph_hash(plan, tg.graph_hash)
         if dict(plan.mesh) != dict(mesh.axes):

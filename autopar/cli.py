@@ -257,6 +257,17 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
         rows = [[str(i), fmt_placements(pl)] for i, pl in enumerate(plan.input_placements)]
         sections.append(Section("Input placements", ["input", "placements"], rows))
 
+    attn = [n for n in plan.nodes if n.get("attention")]
+    if attn:
+        rows = []
+        for n in attn:
+            alts = (plan.explanations.get(n["name"]) or {}).get("alternatives") or []
+            rows.append([n["name"], n["attention"], fmt_placements(n.get("placements")),
+                         ", ".join(f"{a['attention']} {format_seconds(a['cost_s'])}" for a in alts)])
+        sections.append(Section(f"Attention on cp ({len(attn)} layers)", ["node", "scheme", "placements", "predicted cost of each scheme"],
+                                rows, notes=["ring: K/V blocks pass round the cp ring (causal: zig-zag balanced); ulysses: "
+                                             "all-to-all to head-sharded and back; batch/replicated: cp not used by attention"]))
+
     rows = [
         [phase, op, axis, str(n), format_bytes(b), format_seconds(t)]
         for (phase, op, axis), (n, b, t) in collective_totals(plan).items()
@@ -561,7 +572,7 @@ def cmd_explain(args) -> int:
             rows = []
             for a in alts:
                 cost = a.get("cost_s")
-                row = [_fmt_choice(a.get("placements")), format_seconds(cost) if isinstance(cost, (int, float)) else "-"]
+                row = [_fmt_choice(a.get("placements", a.get("attention"))), format_seconds(cost) if isinstance(cost, (int, float)) else "-"]
                 if with_delta:
                     d = a.get("delta_s")
                     row.append(("+" if d > 0 else "") + format_seconds(d) if isinstance(d, (int, float)) else "-")
@@ -669,23 +680,28 @@ def _progress(*args: Any, **_: Any) -> None:
 PP_SIZES = (1, 2, 4, 8, 16)  # pipeline depths the --devices search tries
 
 
-def candidate_meshes(devices: int, devices_per_node: int, pp_sizes=(1,)) -> list[dict[str, int]]:
-    """Every ``{"pp": p, "dp": d, "tp": t}`` with ``p * d * t == devices``, ``p`` in ``pp_sizes``
-    and ``t <= devices_per_node``, by p then t.
+CP_SIZES = (1, 2, 4, 8)  # context-parallel degrees the --devices search tries for long sequences
+CP_MIN_SEQ = 16384  # from this sequence length on, the --devices search also tries cp
+
+
+def candidate_meshes(devices: int, devices_per_node: int, pp_sizes=(1,), cp_sizes=(1,)) -> list[dict[str, int]]:
+    """Every ``{"pp": p, "dp": d, "cp": c, "tp": t}`` with ``p * d * c * t == devices``, ``p`` in
+    ``pp_sizes``, ``c`` in ``cp_sizes`` and ``c * t <= devices_per_node``, by p, then c, then t.
 
     Size-1 axes are left out (``{"tp": 8}`` rather than ``{"dp": 1, "tp": 8}``).
     """
     out = []
     for p in pp_sizes:
-        if devices % p:
-            continue
-        rest = devices // p
-        for t in range(1, min(rest, devices_per_node) + 1):
-            if rest % t:
+        for c in cp_sizes:
+            if devices % (p * c):
                 continue
-            d = rest // t
-            mesh = {k: v for k, v in (("pp", p), ("dp", d), ("tp", t)) if v > 1} or {"dp": 1}
-            out.append(mesh)
+            rest = devices // (p * c)
+            for t in range(1, min(rest, devices_per_node // c) + 1):
+                if rest % t:
+                    continue
+                d = rest // t
+                mesh = {k: v for k, v in (("pp", p), ("dp", d), ("cp", c), ("tp", t)) if v > 1} or {"dp": 1}
+                out.append(mesh)
     return out
 
 
@@ -697,7 +713,9 @@ def cmd_plan(args) -> int:
     if args.devices is not None and args.devices < 1:
         raise AutoparError(f"--devices must be a positive int, got {args.devices}")
     model, example_inputs = models.build(args.model, batch=args.batch, seq=args.seq, device="meta")
-    options = {"mode": args.mode, "progress": _progress, "optimizer": args.optimizer}
+    options = {"mode": args.mode, "progress": _progress, "optimizer": args.optimizer,
+               "context_parallel": args.context_parallel,
+               "sequence_parallel": {"auto": None, "on": True, "off": False}[args.sequence_parallel]}
     if args.pin:
         bad = [x for x in args.pin if "=" not in x]
         if bad:
@@ -714,7 +732,9 @@ def cmd_plan(args) -> int:
 
         per_node = load_hardware(args.hardware).devices_per_node
         tried = []
-        for axes in candidate_meshes(args.devices, per_node, PP_SIZES):
+        seq = max((x.shape[1] for x in example_inputs if getattr(x, "dim", lambda: 0)() >= 2), default=0)
+        cp_sizes = CP_SIZES if seq >= CP_MIN_SEQ else (1,)
+        for axes in candidate_meshes(args.devices, per_node, PP_SIZES, cp_sizes):
             _progress(f"planning mesh {fmt_mesh(axes)}")
             try:
                 p = make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, **options)
@@ -922,7 +942,8 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--mesh", help="mesh axes and sizes, outer to inner, e.g. dp=2,tp=4")
     where.add_argument("--devices", type=int,
-                       help=f"number of devices; autopar chooses the pp x dp x tp mesh (pp in {list(PP_SIZES)})")
+                       help=f"number of devices; autopar chooses the pp x dp x cp x tp mesh (pp in {list(PP_SIZES)}; "
+                            f"cp in {list(CP_SIZES)} for sequences of {CP_MIN_SEQ} tokens or more)")
     p.add_argument("--hardware", default="local", help="hardware preset, e.g. h100-sxm (default: local)")
     p.add_argument("--out", help="write the plan JSON here")
     p.add_argument("--mode", choices=["train", "infer"], default="train")
@@ -930,6 +951,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, help="sequence length (presets only)")
     p.add_argument("--time-limit", type=float, help="solver time limit per plan, seconds")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer whose state counts in memory")
+    p.add_argument("--context-parallel", choices=["auto", "ring", "ulysses"], default="auto",
+                   help="attention on a cp axis: the solver's choice per layer (auto), ring attention or Ulysses")
+    p.add_argument("--sequence-parallel", choices=["auto", "on", "off"], default="auto",
+                   help="Megatron sequence parallelism on tp: the solver's choice (auto), forced on, or off")
     p.add_argument("--pin", action="append", metavar="PATTERN=PLACEMENT",
                    help="fix the placement of matching parameters/nodes, e.g. 'blocks.*.fc1.weight=S(0)' "
                         "(one placement per mesh axis, comma-separated); repeatable")

@@ -195,6 +195,10 @@ def test_candidate_meshes():
                                              {"dp": 128, "tp": 8}]
     assert cli.candidate_meshes(6, 4) == [{"dp": 6}, {"dp": 3, "tp": 2}, {"dp": 2, "tp": 3}]
     assert cli.candidate_meshes(1, 8) == [{"dp": 1}]
+    # long sequences: cp inside dp, cp * tp within a node
+    assert cli.candidate_meshes(8, 8, cp_sizes=(1, 2, 8)) == [
+        {"dp": 8}, {"dp": 4, "tp": 2}, {"dp": 2, "tp": 4}, {"tp": 8},
+        {"dp": 4, "cp": 2}, {"dp": 2, "cp": 2, "tp": 2}, {"cp": 2, "tp": 4}, {"cp": 8}]
 
 
 def test_run_missing_script(capsys, tmp_path):

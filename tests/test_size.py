@@ -2,9 +2,11 @@
 
 from pathlib import Path
 
-BUDGET = 8500  # lines of Python in autopar/, blank lines and comments included (6000 until issue 3 added
+BUDGET = 10000  # lines of Python in autopar/, blank lines and comments included (6000 until issue 3 added
 # profiled ops, segmented collective fits and the memory model; 7500 until issue 4 added pipelined
-# execution, four schedules in the stage solver and their pass-by-pass simulation)
+# execution, four schedules in the stage solver and their pass-by-pass simulation; 8500 until issue 5
+# added ring attention with its own backward, the Triton block kernel, Megatron-SP/CP strategies and
+# costs, and the variable-length batch MILP, about 1,100 lines)
 
 
 def test_core_fits_its_line_budget():

@@ -46,7 +46,7 @@ class Executor(fx.Interpreter):
 
         if target is L.redistribute:
             x, pls = args
-            return _dense(_ContiguousGrad.apply(x).redistribute(self.mesh, _placements(pls)))
+            return _dense(_ContiguousGrad.apply(x).redistribute(self.mesh, _placements(pls)), self.current_meta)
         if target is L.from_full:
             x, pls = args
             if isinstance(x, DTensor):
@@ -125,9 +125,23 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-def _dense(x):
-    """A redistributed DTensor whose shard is laid out contiguously, as its global strides say."""
-    return x if x.to_local().is_contiguous() else x.contiguous()
+def _dense(x, meta=None):
+    """A redistributed DTensor whose shard is laid out densely in the traced value's dim order.
+
+    Later views were traced on that layout (an sdpa output is [B, S, H, D] in memory even though
+    its shape is [B, H, S, D]); DTensor decides view-or-copy on its own global strides."""
+    from torch.distributed.tensor import DTensor
+
+    order = _dim_order(meta) if isinstance(meta, torch.Tensor) and meta.dim() == x.dim() else list(range(x.dim()))
+    local = x.to_local()
+    if local.permute(order).is_contiguous():
+        return x
+    local = local.permute(order).contiguous().permute([order.index(d) for d in range(len(order))])
+    return DTensor.from_local(local, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
+
+
+def _dim_order(t: torch.Tensor) -> list[int]:
+    return sorted(range(t.dim()), key=lambda d: -t.stride()[d])
 
 
 def _like(local: torch.Tensor, meta) -> torch.Tensor:

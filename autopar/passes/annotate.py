@@ -174,7 +174,7 @@ def _is_float(t) -> bool:
 def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
              trainable: set[str] | None = None, joint: dict | None = None, profile=None,
              collect: bool = False, pins: dict | None = None, optimizer: str = "adamw",
-             context_parallel: str = "auto") -> Annotated:
+             context_parallel: str = "auto", sequence_parallel: bool | None = None) -> Annotated:
     """Enumerate strategies for every decision node and cost every node and edge.
 
     ``pins`` ({pattern: placement}) fixes the placement of the parameters (by FQN) and graph
@@ -248,6 +248,8 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
     if pins:
         _apply_pins(pins, tg, axes, nodes, kind, strategies)
     _choose_attention(context_parallel, axes, nodes, strategies)
+    if sequence_parallel is not None:
+        _sequence_parallel(bool(sequence_parallel), tg, axes, nodes, kind, strategies)
     node_cost, node_mem = [], []
     joint = joint or {}
     for v, node in enumerate(nodes):
@@ -334,6 +336,35 @@ def _choose_attention(choice: str, axes: dict, nodes, strategies) -> None:
                    "ring attention needs causal or unmasked attention without dropout; use context_parallel='ulysses'")
             raise AutoparError(f"{node.name}: no {choice} strategy: {why}")
         strategies[v] = keep
+
+
+def _sequence_parallel(on: bool, tg: TracedGraph, axes: dict, nodes, kind, strategies) -> None:
+    """Megatron sequence parallelism on ``tp`` (Korthikanti et al. 2022), on or off.
+
+    The sequence length S is dim 1 of the first model input with two dims or more. An op output
+    of three dims or more whose dim 1 is S carries the sequence. On: such outputs are never
+    replicated or batch-sharded on tp, so the work between tensor-parallel regions (norms,
+    residual adds, dropout) runs sequence-sharded, and the memory model credits their shards.
+    Off: they are never sequence-sharded on tp.
+    """
+    from ..errors import AutoparError
+
+    if "tp" not in axes:
+        if on:
+            raise AutoparError(f"sequence_parallel=True shards activations on the 'tp' axis; the mesh {axes} has none")
+        return
+    seq = next((n.meta["val"].shape[1] for n, k in zip(nodes, kind) if k == "input"
+                and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 2), None)
+    tp = list(axes).index("tp")
+    for v, node in enumerate(nodes):
+        val = outputs_meta(node)[0] if kind[v] == "op" else None
+        if val is None or val.dim() < 3 or val.shape[1] != seq:
+            continue
+        if on:
+            keep = [s for s in strategies[v] if s.outs[0] is not None and s.outs[0][tp] not in (REPLICATE, shard(0))]
+        else:
+            keep = [s for s in strategies[v] if s.outs[0] is None or s.outs[0][tp] != shard(1)]
+        strategies[v] = keep or strategies[v]
 
 
 def _sequence_sharded(node, cands: list, axes: dict) -> list:

@@ -80,8 +80,19 @@ def _check_models(rank, world, axes, names, pins=None, options=None):
                         "sharded_axes": sorted({a for n in pm.plan.nodes if isinstance(n["placements"], dict)
                                                 for a, p in n["placements"].items() if p.startswith("S(")}),
                         "fqns": sorted(n for n, _ in pm.named_parameters()),
-                        "attention": sorted({n["attention"] for n in pm.plan.nodes if n.get("attention")})}
+                        "attention": sorted({n["attention"] for n in pm.plan.nodes if n.get("attention")}),
+                        "ring_calls": sum(1 for n in pm.lowered_graph.graph.nodes if n.args[:1] == ("autopar.ring_attention",)),
+                        # the norms' placements on tp (Megatron-SP runs them sequence-sharded, S(1))
+                        "norms_tp": sorted({_first(n["placements"]).get("tp", "-") for n in pm.plan.nodes
+                                            if n["op"] in ("aten.native_layer_norm.default", "aten.mean.dim")})}
     return report
+
+
+def _first(placements) -> dict:
+    """The first output's placements of a plan node (a multi-output op lists one per output)."""
+    if isinstance(placements, list):
+        placements = placements[0]
+    return placements or {}
 
 
 @pytest.mark.parametrize("axes", MESHES, ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))

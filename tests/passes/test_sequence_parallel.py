@@ -1,0 +1,90 @@
+"""Plans with sequence and context parallelism (issue 5): what the solver may and must do.
+
+Plans only, no execution (tests/codegen/test_context_parallel.py runs them).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autopar
+from autopar.errors import AutoparError
+from models import GPT, build
+
+
+def _plan(model, inputs, axes, hardware="h100-sxm", **options):
+    return autopar.plan(model, autopar.Mesh(axes, hardware=hardware), inputs, op_profile=None, **options)
+
+
+def _long_gpt(seq=512):
+    torch.manual_seed(0)
+    return GPT(vocab=128, d=64, heads=4, layers=2, max_len=seq), (torch.randint(0, 128, (2, seq)),)
+
+
+def test_megatron_sp_shards_norms_by_sequence_and_credits_their_memory():
+    model, inputs = _long_gpt()
+    off = _plan(model, inputs, {"tp": 2}, sequence_parallel=False)
+    on = _plan(model, inputs, {"tp": 2}, sequence_parallel=True)
+    norms = [n for n in on.nodes if n["op"] == "aten.native_layer_norm.default"]
+    assert norms and all(n["placements"][0]["tp"] == "S(1)" for n in norms)
+    assert all(n["placements"][0]["tp"] != "S(1)" for n in off.nodes if n["op"] == "aten.native_layer_norm.default")
+    # Korthikanti et al.: the norms' and residuals' activations are stored sharded by tp
+    assert on.memory["activations"] < 0.9 * off.memory["activations"], (on.memory, off.memory)
+    # the all-reduces became reduce-scatter + all-gather pairs
+    fwd = {c["op"] for c in on.collectives if c["phase"] == "fwd" and c["axis"] == "tp"}
+    assert {"reduce_scatter", "all_gather"} <= fwd, fwd
+    assert on.solver["sequence_parallel"] is True
+
+
+def test_cp_shards_inputs_by_sequence_and_replicates_parameters():
+    model, inputs = build("hf_llama")
+    plan = _plan(model, inputs, {"cp": 2}, hardware="h100-sxm",
+                 context_parallel="ring")
+    assert plan.input_placements == [{"cp": "S(1)"}]
+    assert all(p["cp"] == "R" for p in plan.param_placements.values())
+    attn = [n for n in plan.nodes if n.get("attention")]
+    assert len(attn) == 2 and {n["attention"] for n in attn} == {"ring"}
+    assert {n["placements"]["cp"] for n in attn} == {"S(2)"}
+
+
+def test_auto_attention_is_explained_with_the_cost_of_each_scheme():
+    model, inputs = build("hf_llama")
+    plan = _plan(model, inputs, {"cp": 2})
+    attn = [n for n in plan.nodes if n.get("attention")]
+    assert len(attn) == 2
+    for n in attn:
+        e = plan.explanations[n["name"]]
+        costs = {a["attention"]: a["cost_s"] for a in e["alternatives"]}
+        assert {"ring", "ulysses", "replicated"} <= set(costs), costs
+        assert e["chosen"] == n["attention"] == min(costs, key=costs.get)
+
+
+def test_ulysses_beyond_the_kv_heads_is_refused_with_the_reason():
+    model, inputs = build("hf_llama")  # 4 query heads, 2 kv heads
+    with pytest.raises(AutoparError, match=r"key/value heads \(2\).*context_parallel='ring'"):
+        _plan(model, inputs, {"cp": 4}, context_parallel="ulysses")
+
+
+@pytest.mark.parametrize("options, axes, match", [
+    ({"context_parallel": "ring"}, {"tp": 2}, "needs a 'cp' mesh axis"),
+    ({"context_parallel": "zigzag"}, {"cp": 2}, "expected one of"),
+    ({"sequence_parallel": True}, {"cp": 2}, "on the 'tp' axis"),
+    ({}, {"cp": 3}, r"sequence length 16 .* not divisible by 3"),
+])
+def test_bad_requests_get_clear_errors(options, axes, match):
+    model, inputs = build("gpt")
+    with pytest.raises(AutoparError, match=match):
+        _plan(model, inputs, axes, **options)
+
+
+def test_hf_causal_masks_are_traced_as_flags():
+    from autopar.passes.trace import trace
+
+    model, inputs = build("hf_llama")
+    sdpa = [n for n in trace(model, inputs).gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert sdpa and all(n.args[3:6] == (None, 0.0, True) for n in sdpa)  # no mask tensor, is_causal
+    # with an attention mask given, transformers still builds (and autopar keeps) the mask
+    mask = torch.ones_like(inputs[0])
+    sdpa = [n for n in trace(model, inputs, {"attention_mask": mask}).gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert sdpa and all(n.args[3] is not None for n in sdpa)
