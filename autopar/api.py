@@ -124,8 +124,10 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
         try:
             from .passes.joint import joint_costs
 
-            joint = joint_costs(tg.source.module(), *tg.example)
-            progress(f"traced the joint forward+backward graph in {time.perf_counter() - t0:.1f} s")
+            if getattr(tg, "joint", None) is None:  # one trace serves every mesh planned for it
+                tg.joint = joint_costs(tg.source.module(), *tg.example)
+                progress(f"traced the joint forward+backward graph in {time.perf_counter() - t0:.1f} s")
+            joint = tg.joint
         except Exception as exc:  # the forward plan stands; only the backward estimate is coarser
             warnings.append(f"the joint forward+backward graph could not be traced ({type(exc).__name__}: "
                             f"{str(exc)[:160]}); backward costs use 2x forward")

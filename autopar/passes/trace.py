@@ -47,6 +47,7 @@ class TracedGraph:
     example: tuple = ((), {})  # (args, kwargs) the model was traced with
     # the graph's leading outputs that are new values of buffers (BatchNorm running stats), by FQN
     mutated_buffers: list[str] = field(default_factory=list)
+    joint: dict | None = None  # per-op backward costs from the joint graph (passes/joint.py), once computed
 
 
 _HINTS = [
