@@ -161,7 +161,8 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
         pls = entry["placements"]
         pls_str = [None if p is None else tuple(p[a] for a in axes) for p in (pls if isinstance(pls, list) else [pls])]
         if entry.get("source") in ("autopar", "fallback", "factory") or op_name(node) in OWN_RULES:
-            new = g.call_function(local_call, (_local_op(node, pls_str[0], axes), tuple(pls_str), tuple(args), kwargs))
+            op = _local_op(node, pls_str[0], axes, entry["inputs"])
+            new = g.call_function(local_call, (op, tuple(pls_str), tuple(args), kwargs))
         else:
             # view -> reshape: identical values in a functional graph, but a shard whose strides
             # differ from the traced tensor's (size-1 local dims, kernels run on shards) may not
@@ -184,13 +185,22 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
 RING_ATTENTION = "autopar.ring_attention"  # a local_call op by name: the executor binds it to codegen/ring.py
 
 
-def _local_op(node: fx.Node, out_pl, axes: list):
-    """What a ``local_call`` runs: the node's own op, or ring attention for sdpa whose output is
-    sequence-sharded on ``cp`` (strategies._sdpa_rules)."""
-    if op_name(node) == "aten.scaled_dot_product_attention.default" and "cp" in axes and out_pl is not None:
+KV_REPLICATED = "autopar.sdpa_kv_replicated"  # GQA with query heads sharded past the kv heads
+
+
+def _local_op(node: fx.Node, out_pl, axes: list, ins: list):
+    """What a ``local_call`` runs: the node's own op; ring attention for sdpa whose output is
+    sequence-sharded on ``cp``; or, for GQA sdpa whose query heads are sharded on an axis where
+    K/V are replicated, ``(KV_REPLICATED, q placements, k placements)`` (strategies._sdpa_rules)."""
+    if op_name(node) != "aten.scaled_dot_product_attention.default" or out_pl is None:
+        return node.target
+    if "cp" in axes:
         p = parse(out_pl[axes.index("cp")])
         if p.kind == "S" and p.dim == node.meta["val"].dim() - 2:
             return RING_ATTENTION
+    q_pl, k_pl = (tuple(ins[i][a] for a in axes) for i in (0, 1))
+    if any(parse(q).kind == "S" and parse(k).kind == "R" for q, k in zip(q_pl, k_pl)):
+        return (KV_REPLICATED, q_pl, k_pl)
     return node.target
 
 

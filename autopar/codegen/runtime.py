@@ -72,11 +72,24 @@ class Executor(fx.Interpreter):
             return x
         if target is L.local_call:
             op, pls, op_args, op_kwargs = args
-            local_args, local_kwargs = pytree.tree_map_only(DTensor, lambda t: t.to_local(), (op_args, op_kwargs))
+            # An input replicated on an axis where the output is sharded is read differently by each
+            # rank there (K/V of kv-replicated attention): its gradient is their sum, a Partial.
+            sharded = [pls[0] is not None and parse(p).kind == "S" for p in (pls[0] or ())]
+
+            def local(t):
+                from torch.distributed.tensor import Partial
+
+                grad = [Partial() if isinstance(p, Replicate) and s else p for p, s in zip(t.placements, sharded)]
+                return t.to_local(grad_placements=grad if sharded else None)
+
+            local_args, local_kwargs = pytree.tree_map_only(DTensor, local, (op_args, op_kwargs))
             if op == L.RING_ATTENTION:  # collectives inside, on the mesh's cp group
                 from .ring import ring_attention
 
                 out = ring_attention(self.mesh, *local_args, **local_kwargs)
+            elif isinstance(op, tuple) and op[0] == L.KV_REPLICATED:
+                out = _sdpa_kv_replicated(self.mesh, op[1], op[2], op_args[0].shape[1], op_args[1].shape[1],
+                                          *local_args, **local_kwargs)
             else:
                 out = op(*local_args, **local_kwargs)
             metas = self.current_meta if isinstance(self.current_meta, (tuple, list)) else (self.current_meta,)
@@ -107,6 +120,26 @@ def node_class(n: fx.Node) -> str:
     if n.target is L.check:
         return "view"
     return op_class(str(n.args[0] if n.target is L.local_call else n.target))
+
+
+def _head_offset(mesh, placements, heads: int) -> int:
+    """First global head of this rank's shard of dim 1 under ``placements`` (nested shards split
+    in mesh order, as DTensor lays them out)."""
+    offset, chunk = 0, heads
+    for name, p in zip(mesh.mesh_dim_names, placements):
+        if parse(p).kind == "S" and parse(p).dim == 1:
+            chunk //= mesh.size(mesh.mesh_dim_names.index(name))
+            offset += mesh.get_local_rank(name) * chunk
+    return offset
+
+
+def _sdpa_kv_replicated(mesh, q_pl, k_pl, hq: int, hk: int, q, k, v, *args, **kwargs):
+    """GQA attention whose query heads are sharded further than its kv heads: this rank's query
+    heads [q0, q0 + n) use kv heads [q0 // g, (q0 + n − 1) // g], g = hq // hk."""
+    g = hq // hk
+    q0, k0 = _head_offset(mesh, q_pl, hq), _head_offset(mesh, k_pl, hk)
+    lo, hi = q0 // g - k0, (q0 + q.shape[1] - 1) // g - k0 + 1
+    return torch.ops.aten.scaled_dot_product_attention.default(q, k[:, lo:hi], v[:, lo:hi], *args, **kwargs)
 
 
 class _ContiguousGrad(torch.autograd.Function):

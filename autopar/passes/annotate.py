@@ -331,8 +331,9 @@ def _choose_attention(choice: str, axes: dict, nodes, strategies) -> None:
         keep = [s for s in strategies[v] if attention_scheme(node, s, names) == choice]
         if not keep:
             q, k = (a.meta["val"] for a in tensor_inputs(node)[:2])
-            why = (f"Ulysses shards heads: cp={axes['cp']} must divide the query heads ({q.shape[1]}) and the "
-                   f"key/value heads ({k.shape[1]}); use context_parallel='ring'" if choice == "ulysses" else
+            why = (f"Ulysses shards heads: cp={axes['cp']} must divide the query heads ({q.shape[1]}), and the "
+                   f"key/value heads ({k.shape[1]}) unless the model uses grouped-query attention; use "
+                   "context_parallel='ring'" if choice == "ulysses" else
                    "ring attention needs causal or unmasked attention without dropout; use context_parallel='ulysses'")
             raise AutoparError(f"{node.name}: no {choice} strategy: {why}")
         strategies[v] = keep

@@ -357,6 +357,12 @@ def _sdpa_rules(node: fx.Node, ins_meta, axis_names: tuple) -> list[list[tuple]]
         # [r*Hq/n, (r+1)*Hq/n) and exactly the kv heads they use, when n divides both counts
         # (checked by the divisibility filter).
         rules.append(tuple(row))
+    from ..codegen.ring import sdpa_arguments
+
+    if q.dim() == 4 and ins_meta[1].shape[1] < q.shape[1] and sdpa_arguments(node.args, node.kwargs)["enable_gqa"]:
+        # GQA beyond the kv heads: shard the query heads and replicate K/V; each rank picks the kv
+        # heads its query heads use (codegen/lower.py's "kv-replicated" attention)
+        rules.append((shard(1), shard(1), REPLICATE, REPLICATE, *[REPLICATE for _ in ins_meta[3:]]))
     per_axis = [list(rules) for _ in axis_names]
     if "cp" in axis_names and ring_ok(node):
         per_axis[axis_names.index("cp")].append((shard(q.dim() - 2),) * 4)

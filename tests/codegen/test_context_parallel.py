@@ -25,7 +25,8 @@ CASES = {
         ({"cp": 2}, {"context_parallel": "ulysses"}, MODELS)],
     4: [({"cp": 4}, {"context_parallel": "ring"}, MODELS if FULL else ["gpt"]),
         ({"dp": 2, "cp": 2}, {"context_parallel": "ring"}, MODELS if FULL else ["hf_llama"]),
-        ({"dp": 2, "cp": 2}, {}, MODELS if FULL else ["gpt"])],
+        ({"dp": 2, "cp": 2}, {}, MODELS if FULL else []),  # the solver's own choice
+        ({"cp": 4}, {"context_parallel": "ulysses"}, ["hf_llama"])],  # GQA: 2 kv heads, replicated
 }
 
 
@@ -37,6 +38,7 @@ def _run_cases(rank, world, cases):
 def test_sequence_and_context_parallel_match_single_device(world):
     reports = run_ranks(_run_cases, world, CASES[world])
     for k, (axes, options, names) in enumerate(CASES[world]):
+        assert set(reports[0][k]) == set(names)
         for name in names:
             rep = reports[0][k][name]
             what = (axes, options, name, rep["errs"])

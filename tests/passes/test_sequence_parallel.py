@@ -60,10 +60,13 @@ def test_auto_attention_is_explained_with_the_cost_of_each_scheme():
         assert e["chosen"] == n["attention"] == min(costs, key=costs.get)
 
 
-def test_ulysses_beyond_the_kv_heads_is_refused_with_the_reason():
-    model, inputs = build("hf_llama")  # 4 query heads, 2 kv heads
-    with pytest.raises(AutoparError, match=r"key/value heads \(2\).*context_parallel='ring'"):
-        _plan(model, inputs, {"cp": 4}, context_parallel="ulysses")
+def test_ulysses_beyond_the_kv_heads_replicates_kv_and_beyond_the_query_heads_is_refused():
+    model, inputs = build("hf_llama")  # 4 query heads, 2 kv heads (GQA)
+    plan = _plan(model, inputs, {"cp": 4}, context_parallel="ulysses")
+    for n in (n for n in plan.nodes if n.get("attention")):
+        assert n["inputs"][0]["cp"] == "S(1)" and n["inputs"][1]["cp"] == "R", n["inputs"]  # K/V replicated
+    with pytest.raises(AutoparError, match=r"must divide the query heads \(4\).*context_parallel='ring'"):
+        _plan(model, inputs, {"cp": 8}, context_parallel="ulysses")
 
 
 @pytest.mark.parametrize("options, axes, match", [
