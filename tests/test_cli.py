@@ -320,3 +320,24 @@ def test_inspect_explains_a_schedule_it_cannot_draw(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "inspect", path)
     assert code == 0 and "no timeline: interleaved-1f1b needs the microbatch count to be a multiple" in out
     assert _timeline_rows(out) == {}
+
+
+def test_plan_on_cp_shows_and_explains_each_attention_scheme(capsys, tmp_path):
+    path, report = tmp_path / "cp.json", tmp_path / "cp.html"
+    code, out, _ = run_cli(capsys, "plan", "tiny-llama", "--mesh", "cp=2", "--hardware", "h100-sxm",
+                           "--context-parallel", "ring", "--out", path)
+    assert code == 0
+    section = out.split("Attention on cp (2 layers)")[1]
+    assert "ring" in section and "cp=S(2)" in section
+    code, out, _ = run_cli(capsys, "inspect", path, "--html", report)
+    assert code == 0 and "Attention on cp" in report.read_text()
+    # the explanation lists the scheme's cost (a forced scheme leaves no alternative to price)
+    name = next(n["name"] for n in Plan.load(path).nodes if n.get("attention"))
+    code, out, _ = run_cli(capsys, "explain", path, name)
+    assert code == 0 and "chosen: ring" in out and "ring" in out.split("chosen: ring")[1]
+
+
+def test_plan_bad_context_parallel_request_is_a_clear_error(capsys):
+    code, _, err = run_cli(capsys, "plan", "tiny-llama", "--mesh", "tp=2", "--hardware", "h100-sxm",
+                           "--context-parallel", "ulysses")
+    assert code != 0 and "needs a 'cp' mesh axis" in err and "Traceback" not in err
