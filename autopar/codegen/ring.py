@@ -17,8 +17,9 @@ after the query half's last position is skipped; one whose keys all precede it r
 The exchange moves one q half (and, back, one output half) per rank.
 
 **Backward** (exact, recomputing the block probabilities from the saved merged lse, as flash
-attention does): dq accumulates at home; dk and dv travel with their K/V block and reach their
-home rank after P sends. Blocks come from ``flash_block``: a generated Triton kernel on GPU, torch
+attention does): dq accumulates at home; K/V rotate as in forward, the next block prefetched
+during this one's compute, and dk, dv follow their block one step behind (their send overlaps
+the next block's compute), reaching their home rank after P sends. Blocks come from ``flash_block``: a generated Triton kernel on GPU, torch
 elsewhere.
 
 GQA: K/V travel with their own (fewer) heads and are expanded per block, their gradients summed
@@ -169,11 +170,15 @@ class _RingAttention(torch.autograd.Function):
         heads, nk = qs[0].shape[1], k.shape[1]
         douts = ring.to_zigzag(dout.contiguous())
         dqs = [torch.zeros_like(qi, dtype=torch.float32) for qi in qs]
-        # K, V and their gradients travel together; after P shifts the gradients are home
-        buf = torch.cat([k, v, torch.zeros_like(k), torch.zeros_like(v)], dim=1).float().contiguous()
+        # K/V rotate as in forward (the next block prefetched during this one's compute); the
+        # gradients of the block held travel one step behind it and are home after P sends.
+        kv = torch.cat([k, v], dim=1).contiguous()
+        dkv, pending_dkv = None, None
         for t in range(ring.p):
+            pending_kv = ring.shift(kv) if t < ring.p - 1 else None
             block = (ring.r - t) % ring.p
-            kb, vb = _expand(buf[:, :nk].to(k.dtype), heads), _expand(buf[:, nk:2 * nk].to(v.dtype), heads)
+            kb, vb = _expand(kv[:, :nk], heads), _expand(kv[:, nk:], heads)
+            part = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             for i, (q0, qlen) in enumerate(ring.queries):
                 mode = ring.block_mode(q0, qlen, block, causal)
                 if mode is None:
@@ -181,12 +186,22 @@ class _RingAttention(torch.autograd.Function):
                 dq, dk, dv = attention_block_backward(douts[i], qs[i], kb, vb, outs[i], lses[i], scale=scale,
                                                       causal=mode, q_pos0=q0, k_pos0=block * ring.c)
                 dqs[i] += dq.float()
-                buf[:, 2 * nk:3 * nk] += _fold(dk.float(), nk)
-                buf[:, 3 * nk:] += _fold(dv.float(), nk)
-            if ring.p > 1:
-                handles, nxt = ring.shift(buf)
-                for w in handles:
+                part[:, :nk] += _fold(dk.float(), nk)
+                part[:, nk:] += _fold(dv.float(), nk)
+            if pending_dkv is not None:  # this block's gradient so far, from the previous rank
+                for w in pending_dkv[0]:
                     w.wait()
-                buf = nxt
+                part += pending_dkv[1]
+            dkv = part
+            if ring.p > 1:
+                pending_dkv = ring.shift(dkv)
+            if pending_kv is not None:
+                for w in pending_kv[0]:
+                    w.wait()
+                kv = pending_kv[1]
+        if pending_dkv is not None:
+            for w in pending_dkv[0]:
+                w.wait()
+            dkv = pending_dkv[1]
         dq = ring.from_zigzag([d.to(qs[0].dtype) for d in dqs])
-        return dq, buf[:, 2 * nk:3 * nk].to(k.dtype), buf[:, 3 * nk:].to(v.dtype), None, None, None
+        return dq, dkv[:, :nk].to(k.dtype), dkv[:, nk:].to(v.dtype), None, None, None

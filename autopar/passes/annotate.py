@@ -524,12 +524,13 @@ def _ring_time(shapes, itemsize: int, compute_s: float, axis: int, ctx: CostCont
     r"""Seconds of ring attention on P ranks (codegen/ring.py), forward plus backward when training.
 
     The forward passes the local K/V block P−1 times (``send_recv`` of b_kv bytes each), posted
-    before each block's compute; the backward passes K, V, dK and dV P times. A pass costs
-    max(compute, communication), since the two overlap, plus the causal zig-zag exchange of one
-    query half and one output half (and their gradients)::
+    before each block's compute; the backward passes K/V again and their gradients (fp32, b_dkv
+    bytes) P times, one step behind. A pass costs max(compute, communication), since the two
+    overlap, plus the causal zig-zag exchange of one query half and one output half (and their
+    gradients)::
 
         T = max(c_f, (P−1)·t(b_kv)) + 2·t(b_q/2)
-          + [max(c_b, P·t(2·b_kv)) + 2·t(b_q/2)]        (training)
+          + [max(c_b, (P−1)·t(b_kv) + P·t(b_dkv)) + 2·t(b_q/2)]        (training)
 
     with c_f the block compute (the roofline over the local queries and all keys) and c_b =
     (mult − 1)·c_f.
@@ -542,7 +543,7 @@ def _ring_time(shapes, itemsize: int, compute_s: float, axis: int, ctx: CostCont
     relayout = 2 * hop(math.prod(q) * itemsize / 2)
     t = max(compute_s, (p - 1) * hop(kv_bytes)) + relayout
     if train and mult > 1:
-        t += max((mult - 1) * compute_s, p * hop(2 * kv_bytes)) + relayout
+        t += max((mult - 1) * compute_s, (p - 1) * hop(kv_bytes) + p * hop(kv_bytes * 4 / itemsize)) + relayout
     return t
 
 
