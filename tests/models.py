@@ -109,17 +109,25 @@ def saved_activation_bytes(pm, inputs) -> int:
     (the CPU stand-in for torch.cuda.max_memory_allocated)."""
     from torch.distributed.tensor import DTensor
 
+    from autopar.codegen import runtime
+
     params = {p.to_local().untyped_storage().data_ptr() for p in pm.parameters()}
     saved: dict[int, int] = {}
+    executor_pack = runtime.Executor._pack
 
-    def pack(t):
-        storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+    def pack(self, t):  # what the executor's own hook keeps (a gathered value may be kept as its shard)
+        kept = executor_pack(self, t)
+        x = kept[1] if isinstance(kept, tuple) else kept
+        storage = (x.to_local() if isinstance(x, DTensor) else x).untyped_storage()
         if storage.data_ptr() not in params:
             saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        return kept
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    runtime.Executor._pack = pack
+    try:
         logits(pm(*inputs))
+    finally:
+        runtime.Executor._pack = executor_pack
     return sum(saved.values())
 
 

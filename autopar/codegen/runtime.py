@@ -40,13 +40,47 @@ class Executor(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.mesh = mesh
         self.fixups = fixups
+        # storage of a gathered value's local tensor -> (weakref to it, its shard, its traced meta)
+        self._gathered: dict[int, tuple] = {}
+
+    def run(self, *args, **kwargs):
+        # A gathered value that an op saves for backward is kept as its shard and gathered again
+        # when backward needs it (Megatron-SP's choice: saving the gathered copy would cost the
+        # memory sequence parallelism saves). Every rank's backward unpacks in the same order.
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
+            return super().run(*args, **kwargs)
+
+    def _pack(self, t):
+        from torch.distributed.tensor import DTensor
+
+        if not isinstance(t, DTensor):
+            return t
+        local = t.to_local()
+        entry = self._gathered.get(local.untyped_storage().data_ptr())
+        y = entry[0]() if entry is not None else None
+        if y is None:
+            return t
+        base = y.to_local()
+        view = None if t is y else (t.placements, t.shape, t.stride(), local.size(), local.stride(),
+                                    local.storage_offset() - base.storage_offset())
+        return (_Regather, entry[1], self.mesh, y.placements, entry[2], view)
+
+    def _remember_gather(self, x, y) -> None:
+        import weakref
+
+        if torch.is_grad_enabled() and x.to_local().numel() < y.to_local().numel():
+            key = y.to_local().untyped_storage().data_ptr()
+            self._gathered[key] = (weakref.ref(y), x.detach(), self.current_meta)
+            weakref.finalize(y, self._gathered.pop, key, None)
 
     def call_function(self, target, args, kwargs):
         from torch.distributed.tensor import DTensor, Replicate
 
         if target is L.redistribute:
             x, pls = args
-            return _dense(_ContiguousGrad.apply(x).redistribute(self.mesh, _placements(pls)), self.current_meta)
+            y = _dense(_ContiguousGrad.apply(x).redistribute(self.mesh, _placements(pls)), self.current_meta)
+            self._remember_gather(x, y)
+            return y
         if target is L.from_full:
             x, pls = args
             if isinstance(x, DTensor):
@@ -120,6 +154,26 @@ def node_class(n: fx.Node) -> str:
     if n.target is L.check:
         return "view"
     return op_class(str(n.args[0] if n.target is L.local_call else n.target))
+
+
+class _Regather:
+    """Tag of a saved value packed as its shard (``Executor._pack``)."""
+
+
+def _unpack(packed):
+    """Gather a value kept as its shard again (and take the view of it that was saved)."""
+    if not (isinstance(packed, tuple) and packed and packed[0] is _Regather):
+        return packed
+    from torch.distributed.tensor import DTensor
+
+    _, shard, mesh, placements, meta, view = packed
+    y = _dense(shard.redistribute(mesh, placements), meta)
+    if view is None:
+        return y
+    pls, shape, stride, size, local_stride, offset = view
+    base = y.to_local()
+    local = base.as_strided(size, local_stride, base.storage_offset() + offset)
+    return DTensor.from_local(local, mesh, pls, run_check=False, shape=shape, stride=stride)
 
 
 def _head_offset(mesh, placements, heads: int) -> int:

@@ -152,6 +152,28 @@ class CostContext:
         return sum(c.time_s for c in self.collectives(src, dst, shape, itemsize))
 
 
+def _saved_through_views(saves, nodes, kind, edges) -> set[int]:
+    """Edges whose value autograd saves, directly or through a chain of views of it."""
+    into = {(e.dst, e.dst_in): i for i, e in enumerate(edges)}
+    out, todo = set(), [e for cs in saves for what, *_, e in cs if what == "in"]
+    while todo:
+        i = todo.pop()
+        if i in out:
+            continue
+        out.add(i)
+        u = edges[i].src
+        if kind[u] == "op" and op_name(nodes[u]) in VIEW_OPS and (u, 0) in into:
+            todo.append(into[u, 0])
+    return out
+
+
+def gathers(ctx, src: tuple, dst: tuple, shape) -> bool:
+    """True if redistributing ``shape`` from ``src`` to ``dst`` grows the local shard (an all-gather
+    on some axis): a value autograd saves after such a move is kept as its shard and gathered again
+    in backward (``runtime.Executor._pack``)."""
+    return math.prod(local_shape(tuple(shape), dst, ctx.axis_sizes)) > math.prod(local_shape(tuple(shape), src, ctx.axis_sizes))
+
+
 def grad_placements(dst: tuple, consumer_out: tuple | None, src: tuple) -> tuple[tuple, tuple]:
     """(placement of the gradient the consumer sends back, placement the producer needs it in)."""
     g, need = [], []
@@ -277,8 +299,9 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
         if e.grad:
             grad_fanout[e.src, e.src_out] = grad_fanout.get((e.src, e.src_out), 0) + 1
 
+    saved_in = _saved_through_views(saves, nodes, kind, edges)
     edge_cost = []
-    for e in edges:
+    for k_e, e in enumerate(edges):
         consumer = strategies[e.dst]
         srcs = [s.outs[e.src_out] for s in strategies[e.src]]
         m = np.zeros((len(srcs), len(consumer)))
@@ -290,6 +313,8 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
                     m[i, j] = np.inf  # DTensor cannot make a value partial; such strategies need a partial producer
                     continue
                 t = ctx.time(src, dst, e.shape, e.itemsize)
+                if k_e in saved_in and src != dst and gathers(ctx, src, dst, e.shape):
+                    t *= 2  # the consumer saves the gathered value as its shard; backward gathers it again
                 if e.grad:
                     g, need = grad_placements(dst, cout, src)
                     t += ctx.time(g, need, e.shape, e.itemsize) / grad_fanout[e.src, e.src_out]

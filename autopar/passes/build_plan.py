@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from ..placements import local_shape
-from .annotate import Annotated, attention_scheme, grad_placements
+from .annotate import Annotated, attention_scheme, gathers, grad_placements
 from .strategies import VIEW_OPS, op_name, outputs_meta, redistribute_steps
 
 
@@ -104,6 +104,24 @@ def build_plan(an: Annotated, solution, hardware: str):
                     collectives.append(_coll(c, "bwd", tensor, consumer, g, need, axes))
                     comm_bwd += c.time_s
 
+    into = {(e.dst, e.dst_in): e for e in an.edges}
+    for v, saves in enumerate(an.saves or ()):  # a saved gather (or view of one) is gathered again in backward
+        for what, k, _shape, _itemsize, _scale, e in saves:
+            if what != "in":
+                continue
+            e, pl = an.edges[e], chosen[v].ins[k]
+            while True:
+                have = chosen[e.src].outs[e.src_out]
+                if have != pl:
+                    break
+                if an.kind[e.src] != "op" or op_name(an.nodes[e.src]) not in VIEW_OPS or (e.src, 0) not in into:
+                    break
+                e, pl = into[e.src, 0], chosen[e.src].ins[0]
+            if have != pl and gathers(ctx, have, pl, e.shape):
+                for c in ctx.collectives(have, pl, e.shape, e.itemsize):
+                    collectives.append(_coll(c, "bwd", an.nodes[e.src].name, an.nodes[v].name, have, pl, axes))
+                    comm_bwd += c.time_s
+
     compute = float(sum(an.node_cost[v][c] for v, c in enumerate(choice)))
     mem, node_bytes = _memory(an, chosen, choice)
     peak = sum(mem.values())
@@ -184,6 +202,9 @@ def _memory(an: Annotated, chosen, choice) -> tuple[dict, list[float]]:
         while True:
             u, o = e.src, e.src_out
             have = chosen[u].outs[o]
+            if have != pl and gathers(an.ctx, have, pl, e.shape):
+                pl = have  # a gathered value (or a view of one) is kept as its shard (runtime.Executor._pack)
+                continue
             if have != pl:  # a redistribution's output
                 return (u, o, pl), nbytes(e.shape, e.itemsize, pl) * _gathered(an.ctx, have, pl, e.shape)
             if an.kind[u] in ("param", "buffer"):

@@ -67,14 +67,19 @@ def _measure(rank, world):
     from models import build, saved_activation_bytes
 
     out = {}
-    for axes in ({"tp": 2}, {"dp": 2}):
+    for axes, sp in (({"tp": 2}, None), ({"dp": 2}, None), ({"tp": 2}, True), ({"tp": 2}, False)):
         model, inputs = build("gpt")
-        pm = autopar.compile(model, autopar.Mesh(axes, hardware=PRESET), example_inputs=inputs, time_limit_s=2)
-        out[str(axes)] = saved_activation_bytes(pm, inputs), pm.plan.memory["activations"]
+        pm = autopar.compile(model, autopar.Mesh(axes, hardware=PRESET), example_inputs=inputs, time_limit_s=2,
+                             sequence_parallel=sp)
+        out[f"{axes} sp={sp}"] = saved_activation_bytes(pm, inputs), pm.plan.memory["activations"]
     return out
 
 
 def test_predicted_activations_match_saved_tensors():
-    """GPT on tp=2 (weights stored sharded and gathered, so saved copies of them count) and dp=2."""
-    for mesh, (measured, predicted) in run_ranks(_measure, 2)[0].items():
+    """GPT on tp=2 (weights stored sharded and gathered: autograd keeps the shard and backward
+    gathers it again), dp=2, and tp=2 with Megatron-SP forced on and off."""
+    report = run_ranks(_measure, 2)[0]
+    for mesh, (measured, predicted) in report.items():
         assert measured > 0 and abs(predicted / measured - 1) <= TOLERANCE, (mesh, measured, predicted)
+    # sequence parallelism stores the norms' and residuals' activations sharded (Korthikanti et al.)
+    assert report["{'tp': 2} sp=True"][0] < report["{'tp': 2} sp=False"][0], report
