@@ -36,7 +36,9 @@ Costs, all in seconds per training (or inference) step, from one hardware preset
   of it), n(r) the number of saved reads of r across the graph (so a tensor several ops save
   counts once when they read it alike), ε_v the op's other saved bytes per output byte (sdpa's
   logsumexp). A saved read of a parameter or buffer costs 0: the solver assumes it is read in its
-  own placement. The plan's breakdown (``build_plan._memory``) recounts the chosen strategies
+  own placement. The runtime keeps a saved value that a redistribution gathered (or a view of
+  one) as its shard and gathers it again in backward (``runtime.Executor._pack``): such an edge
+  pays its forward collective twice, and the plan's recount stores the shard. The plan's breakdown (``build_plan._memory``) recounts the chosen strategies
   exactly, one storage per (tensor, placement), redistributed copies of parameters included.
   In inference only parameters count.
 """
