@@ -237,6 +237,10 @@ class StrategyEnumerator:
         except Exception as exc:  # a private API changed or a rule rejected the inputs
             return self.fallback(node, f"its sharding rule failed ({type(exc).__name__}: {str(exc)[:120]})")
         found = [s for s in dict.fromkeys(found) if self._valid(s, ins_meta, outs_meta)]
+        if own is _sdpa_rules and "cp" in self.axes:  # the ring expands K/V heads from the first: no K/V-replicated axis
+            cp = tuple(self.axes).index("cp")
+            found = [s for s in found if not (s.ins[0][cp].kind == "S" and s.ins[0][cp].dim == 2 and any(
+                q.kind == "S" and q.dim == 1 and k.kind == "R" for q, k in zip(s.ins[0], s.ins[1])))]
         if name in NO_NESTED_SHARDING:
             found = [s for s in found if not any(_nested(pl) for pl in (*s.ins, *s.outs) if pl)]
         if not found and all(t is None or t.dim() == 0 for t in (*outs_meta, *ins_meta)):

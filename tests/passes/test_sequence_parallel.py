@@ -5,12 +5,16 @@ Plans only, no execution (tests/codegen/test_context_parallel.py runs them).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import autopar
 from autopar.errors import AutoparError
 from models import GPT, build
+
+COMPUTE_BOUND = str(Path(__file__).resolve().parent.parent / "data" / "compute_bound.json")
 
 
 def _plan(model, inputs, axes, hardware="h100-sxm", **options):
@@ -91,3 +95,13 @@ def test_hf_causal_masks_are_traced_as_flags():
     mask = torch.ones_like(inputs[0])
     sdpa = [n for n in trace(model, inputs, {"attention_mask": mask}).gm.graph.nodes if "scaled_dot_product" in str(n.target)]
     assert sdpa and all(n.args[3] is not None for n in sdpa)
+
+
+def test_ring_never_meets_kv_replicated_heads():
+    """Ring attention expands K/V heads from head 0; with query heads sharded on another axis
+    against replicated K/V the mapping would be wrong, so that combination is never offered."""
+    model, inputs = build("hf_llama")  # 4 query heads, 2 kv heads: tp=4 cannot shard the kv heads
+    plan = _plan(model, inputs, {"cp": 2, "tp": 4}, hardware=COMPUTE_BOUND, context_parallel="ring")
+    for n in (n for n in plan.nodes if n.get("attention")):
+        q, k = n["inputs"][0], n["inputs"][1]
+        assert not (q["tp"] == "S(1)" and k["tp"] == "R"), n["inputs"]
