@@ -31,18 +31,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..passes.strategies import sdpa_arguments
 from .flash_block import attention_block, attention_block_backward, merge
-
-_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-
-
-def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
-    """``aten.scaled_dot_product_attention`` arguments by name, defaults filled in."""
-    out = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-    out.update(zip(_SDPA_PARAMS, args))
-    out.update(kwargs)
-    return out
-
 
 def ring_attention(mesh, *args, **kwargs) -> torch.Tensor:
     """The local op the lowered program calls for sdpa with q, k, v sequence-sharded on ``cp``."""
@@ -95,17 +85,21 @@ class _Ring:
         """Contiguous block (dim 2) -> this rank's query halves, in ``self.queries`` order."""
         if not self.zigzag:
             return [x]
-        p, r = self.p, self.r
-        owner = lambda h: h if h < p else 2 * p - 1 - h  # noqa: E731
-        return self._exchange(list(x.chunk(2, dim=2)), [owner(2 * r), owner(2 * r + 1)], [r // 2, (2 * p - 1 - r) // 2])
+        return self._exchange(list(x.chunk(2, dim=2)), *self._routes())
 
     def from_zigzag(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The inverse of ``to_zigzag``."""
         if not self.zigzag:
             return parts[0]
+        send_to, recv_from = self._routes()
+        return torch.cat(self._exchange(parts, recv_from, send_to), dim=2)
+
+    def _routes(self) -> tuple[list[int], list[int]]:
+        """Where this rank's two contiguous halves go under zig-zag, and where its zig-zag halves
+        come from: half h of 2P is computed by rank h (h < P) or 2P − 1 − h."""
         p, r = self.p, self.r
         owner = lambda h: h if h < p else 2 * p - 1 - h  # noqa: E731
-        return torch.cat(self._exchange(parts, [r // 2, (2 * p - 1 - r) // 2], [owner(2 * r), owner(2 * r + 1)]), dim=2)
+        return [owner(2 * r), owner(2 * r + 1)], [r // 2, (2 * p - 1 - r) // 2]
 
     def shift(self, x: torch.Tensor):
         """Start passing ``x`` to the next rank; returns (handles, buffer that receives the previous rank's)."""

@@ -6,6 +6,8 @@ graph. The same code runs on gloo (CPU) and NCCL (GPU); only the DeviceMesh diff
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -66,15 +68,13 @@ class Executor(fx.Interpreter):
         return (_Regather, entry[1], self.mesh, y.placements, entry[2], view)
 
     def _remember_gather(self, x, y) -> None:
-        import weakref
-
         if torch.is_grad_enabled() and x.to_local().numel() < y.to_local().numel():
             key = y.to_local().untyped_storage().data_ptr()
             self._gathered[key] = (weakref.ref(y), x.detach(), self.current_meta)
             weakref.finalize(y, self._gathered.pop, key, None)
 
     def call_function(self, target, args, kwargs):
-        from torch.distributed.tensor import DTensor, Replicate
+        from torch.distributed.tensor import DTensor, Partial, Replicate
 
         if target is L.redistribute:
             x, pls = args
@@ -111,8 +111,6 @@ class Executor(fx.Interpreter):
             sharded = [pls[0] is not None and parse(p).kind == "S" for p in (pls[0] or ())]
 
             def local(t):
-                from torch.distributed.tensor import Partial
-
                 grad = [Partial() if isinstance(p, Replicate) and s else p for p, s in zip(t.placements, sharded)]
                 return t.to_local(grad_placements=grad if sharded else None)
 

@@ -38,8 +38,9 @@ Costs, all in seconds per training (or inference) step, from one hardware preset
   logsumexp). A saved read of a parameter or buffer costs 0: the solver assumes it is read in its
   own placement. The runtime keeps a saved value that a redistribution gathered (or a view of
   one) as its shard and gathers it again in backward (``runtime.Executor._pack``): such an edge
-  pays its forward collective twice, and the plan's recount stores the shard. The plan's breakdown (``build_plan._memory``) recounts the chosen strategies
-  exactly, one storage per (tensor, placement), redistributed copies of parameters included.
+  pays its forward collective twice, and the plan's recount stores the shard. The plan's
+  breakdown (``build_plan._memory``) recounts the chosen strategies exactly, one storage per
+  (tensor, placement), redistributed copies of parameters included.
   In inference only parameters count.
 """
 
@@ -273,7 +274,7 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
         _apply_pins(pins, tg, axes, nodes, kind, strategies)
     _choose_attention(context_parallel, axes, nodes, strategies)
     if sequence_parallel is not None:
-        _sequence_parallel(bool(sequence_parallel), tg, axes, nodes, kind, strategies)
+        _sequence_parallel(bool(sequence_parallel), axes, nodes, kind, strategies)
     node_cost, node_mem = [], []
     joint = joint or {}
     for v, node in enumerate(nodes):
@@ -366,7 +367,7 @@ def _choose_attention(choice: str, axes: dict, nodes, strategies) -> None:
         strategies[v] = keep
 
 
-def _sequence_parallel(on: bool, tg: TracedGraph, axes: dict, nodes, kind, strategies) -> None:
+def _sequence_parallel(on: bool, axes: dict, nodes, kind, strategies) -> None:
     """Megatron sequence parallelism on ``tp`` (Korthikanti et al. 2022), on or off.
 
     The sequence length S is dim 1 of the first model input with two dims or more. An op output
@@ -540,11 +541,7 @@ def _op_time(node, s: Strategy, ctx: CostContext, train: bool, grad_mask: tuple,
 
 def ring_axis(node, s: Strategy, names: tuple) -> int | None:
     """The ``cp`` axis index if ``s`` runs this sdpa as ring attention (q sequence-sharded on cp)."""
-    if "cp" not in names or op_name(node) not in OWN_RULES or not s.outs or s.outs[0] is None:
-        return None
-    cp = names.index("cp")
-    q = s.ins[0][cp]
-    return cp if q.kind == "S" and q.dim == len(node.meta["val"].shape) - 2 else None
+    return names.index("cp") if attention_scheme(node, s, names) == "ring" else None
 
 
 def _ring_time(shapes, itemsize: int, compute_s: float, axis: int, ctx: CostContext, train: bool, mult: float) -> float:

@@ -361,8 +361,6 @@ def _sdpa_rules(node: fx.Node, ins_meta, axis_names: tuple) -> list[list[tuple]]
         # [r*Hq/n, (r+1)*Hq/n) and exactly the kv heads they use, when n divides both counts
         # (checked by the divisibility filter).
         rules.append(tuple(row))
-    from ..codegen.ring import sdpa_arguments
-
     if q.dim() == 4 and ins_meta[1].shape[1] < q.shape[1] and sdpa_arguments(node.args, node.kwargs)["enable_gqa"]:
         # GQA beyond the kv heads: shard the query heads and replicate K/V; each rank picks the kv
         # heads its query heads use (codegen/lower.py's "kv-replicated" attention)
@@ -375,11 +373,20 @@ def _sdpa_rules(node: fx.Node, ins_meta, axis_names: tuple) -> list[list[tuple]]
 
 def ring_ok(node: fx.Node) -> bool:
     """Whether ring attention can run this sdpa call: no mask tensor, no dropout, 4-D q."""
-    from ..codegen.ring import sdpa_arguments
-
     a = sdpa_arguments(node.args, node.kwargs)
     q = a["query"].meta["val"] if isinstance(a["query"], fx.Node) else None
     return a["attn_mask"] is None and not a["dropout_p"] and q is not None and q.dim() == 4
+
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
+    """``aten.scaled_dot_product_attention`` arguments by name, defaults filled in."""
+    out = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    out.update(zip(_SDPA_PARAMS, args))
+    out.update(kwargs)
+    return out
 
 
 OWN_RULES = {"aten.scaled_dot_product_attention.default": _sdpa_rules}
