@@ -61,6 +61,7 @@ def main() -> None:
     issue = lengths(1000, median=3000, sigma=1.2)
     ratio = run("issue batch: lognormal(median 3000, sigma 1.2), recompute", issue, 64)
     run("same distribution, first 500 sequences, recompute", issue[:500], 32)
+    run("the issue batch on 512 GPUs: the longest sequence now sets the static degree", issue, 512)
     few = lengths(256, median=1000, sigma=1.5, seed=1)
     run("no recompute: 256 x lognormal(median 1000, sigma 1.5, seed 1); the longest pushes static to d=16",
         few, 64, recompute=False)

@@ -273,6 +273,11 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
     if pins:
         _apply_pins(pins, tg, axes, nodes, kind, strategies)
     _choose_attention(context_parallel, axes, nodes, strategies)
+    if sequence_parallel not in (None, True, False):
+        from ..errors import AutoparError
+
+        raise AutoparError(f"sequence_parallel={sequence_parallel!r}: expected True (on), False (off) or None "
+                           "(the solver's choice)")
     if sequence_parallel is not None:
         _sequence_parallel(bool(sequence_parallel), axes, nodes, kind, strategies)
     node_cost, node_mem = [], []

@@ -77,6 +77,7 @@ def test_ulysses_beyond_the_kv_heads_replicates_kv_and_beyond_the_query_heads_is
     ({"context_parallel": "ring"}, {"tp": 2}, "needs a 'cp' mesh axis"),
     ({"context_parallel": "zigzag"}, {"cp": 2}, "expected one of"),
     ({"sequence_parallel": True}, {"cp": 2}, "on the 'tp' axis"),
+    ({"sequence_parallel": "yes"}, {"tp": 2}, r"expected True \(on\), False \(off\) or None"),
     ({}, {"cp": 3}, r"sequence length 16 .* not divisible by 3"),
 ])
 def test_bad_requests_get_clear_errors(options, axes, match):
