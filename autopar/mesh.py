@@ -41,14 +41,6 @@ class Mesh:
         bad_sizes = {a: n for a, n in axes.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
         if bad_sizes:
             raise MeshError(f"mesh axis sizes must be positive integers, got {bad_sizes}")
-        unsupported = [a for a in axes if a not in ("pp", "dp", "cp", "tp")]
-        if unsupported:
-            # Expert parallelism does not exist yet; the axis would be silently ignored, which is
-            # worse than refusing.
-            raise MeshError(
-                f"mesh axis {unsupported} is not supported yet: autopar currently plans 'pp', 'dp', 'cp' and 'tp' "
-                "axes; fold the devices into dp/tp for now"
-            )
         self.axes: dict[str, int] = {a: axes[a] for a in AXIS_ORDER if a in axes}
         self.given_order = tuple(axes)
         from .cost_models.hardware import load_hardware  # validates the preset name

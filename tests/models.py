@@ -83,6 +83,29 @@ def hf_llama(layers=2, d=64, heads=4, kv_heads=2, vocab=128):
     return LlamaForCausalLM(cfg)
 
 
+def hf_mixtral(layers=2, d=32, experts=8, vocab=128, impl=None):
+    """Mixtral with top-2 of ``experts``; ``impl`` picks transformers' expert kernel (default grouped_mm)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(num_hidden_layers=layers, hidden_size=d, intermediate_size=48, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2, vocab_size=vocab,
+                        max_position_embeddings=64, attn_implementation="sdpa", use_cache=False,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0, experts_implementation=impl)
+    return MixtralForCausalLM(cfg)
+
+
+def hf_qwen_moe(layers=2, d=32, experts=4, vocab=128):
+    """Qwen2-MoE: top-2 of ``experts`` plus a gated shared expert, unnormalised top-k weights."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(num_hidden_layers=layers, hidden_size=d, intermediate_size=48, moe_intermediate_size=24,
+                         shared_expert_intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
+                         num_experts=experts, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                         vocab_size=vocab, max_position_embeddings=64, attn_implementation="sdpa", use_cache=False,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return Qwen2MoeForCausalLM(cfg)
+
+
 def build(name: str, seed: int = 0):
     """(model, example_inputs) for a named test model, identical on every rank."""
     torch.manual_seed(seed)
@@ -95,7 +118,8 @@ def build(name: str, seed: int = 0):
         mask = torch.ones(4, 12, dtype=torch.bool)
         mask[:, 8:] = False
         return Custom(), (ids, mask)
-    model = {"gpt": GPT, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama}[name]()
+    model = {"gpt": GPT, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama, "hf_mixtral": hf_mixtral,
+             "hf_mixtral_bmm": lambda: hf_mixtral(impl="batched_mm"), "hf_qwen_moe": hf_qwen_moe}[name]()
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(seed + 1))
     return model, (ids,)
 

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..passes.moe import MOE_OP
 from ..passes.strategies import SKIP_OPS, OWN_RULES, op_name, tensor_inputs
 from ..placements import parse
 from ..passes.trace import TracedGraph
@@ -161,7 +162,8 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
         pls = entry["placements"]
         pls_str = [None if p is None else tuple(p[a] for a in axes) for p in (pls if isinstance(pls, list) else [pls])]
         if entry.get("source") in ("autopar", "fallback", "factory") or op_name(node) in OWN_RULES:
-            op = _local_op(node, pls_str[0], axes, entry["inputs"])
+            op = (MOE, node.target, entry.get("moe") or {}) if op_name(node) == MOE_OP else \
+                _local_op(node, pls_str[0], axes, entry["inputs"])
             new = g.call_function(local_call, (op, tuple(pls_str), tuple(args), kwargs))
         else:
             # view -> reshape: identical values in a functional graph, but a shard whose strides
@@ -186,6 +188,9 @@ RING_ATTENTION = "autopar.ring_attention"  # a local_call op by name: the execut
 
 
 KV_REPLICATED = "autopar.sdpa_kv_replicated"  # GQA with query heads sharded past the kv heads
+
+
+MOE = "autopar.moe"  # (MOE, layer, the plan's moe entry): codegen/moe.py dispatches its tokens
 
 
 def _local_op(node: fx.Node, out_pl, axes: list, ins: list):

@@ -108,7 +108,7 @@ class Executor(fx.Interpreter):
             op, pls, op_args, op_kwargs = args
             # An input replicated on an axis where the output is sharded is read differently by each
             # rank there (K/V of kv-replicated attention): its gradient is their sum, a Partial.
-            sharded = [pls[0] is not None and parse(p).kind == "S" for p in (pls[0] or ())]
+            sharded = [pls[0] is not None and parse(p).kind in "SP" for p in (pls[0] or ())]
 
             def local(t):
                 grad = [Partial() if isinstance(p, Replicate) and s else p for p, s in zip(t.placements, sharded)]
@@ -119,6 +119,10 @@ class Executor(fx.Interpreter):
                 from .ring import ring_attention
 
                 out = ring_attention(self.mesh, *local_args, **local_kwargs)
+            elif isinstance(op, tuple) and op[0] == L.MOE:
+                from .moe import run_moe
+
+                out = run_moe(self.mesh, op[1], op[2], op_args, local_args)
             elif isinstance(op, tuple) and op[0] == L.KV_REPLICATED:
                 out = _sdpa_kv_replicated(self.mesh, op[1], op[2], op_args[0].shape[1], op_args[1].shape[1],
                                           *local_args, **local_kwargs)

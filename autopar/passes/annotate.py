@@ -62,8 +62,9 @@ from ..cost_models.memory import saved_by, state_bytes, update_cost
 from ..cost_models.profile import op_call, op_class
 from ..placements import REPLICATE, Placement, local_shape, shard
 from ..solvers.intra_op import ShardingProblem
-from .strategies import (OWN_RULES, SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, op_name, outputs_meta,
-                         redistribute_steps, tensor_candidates, tensor_inputs)
+from .moe import MOE_OP
+from .strategies import (OWN_RULES, SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, moe_a2a_axes, op_name,
+                         outputs_meta, redistribute_steps, tensor_candidates, tensor_inputs)
 from .joint import source_of
 from .trace import TracedGraph
 
@@ -226,6 +227,7 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
         strategies.append(strats)
         resolve[node] = (index[node], 0)
 
+    expert_params = {p for layer in tg.moe for p in layer.params}
     for node in tg.gm.graph.nodes:
         if node.op == "placeholder" and node.name in tg.aliases:
             continue  # a tied parameter: planned once, under the placeholder the graph uses
@@ -233,11 +235,14 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
             val = node.meta.get("val")
             k = "param" if node.name in tg.params else "buffer" if node.name in tg.buffers or node.name in tg.constants else "input"
             cands = tensor_candidates(tuple(val.shape), ctx.axis_sizes) if isinstance(val, torch.Tensor) else [()]
-            for ax in ("dp", "cp"):
-                if k == "param" and ax in axes:
-                    # "dp" and "cp" axes split the data (batch rows, sequence positions): parameters
-                    # are replicated along them. (Sharded parameters along dp, ZeRO-3, are not planned yet.)
+            for ax in ("dp", "cp", "ep"):
+                if k == "param" and ax in axes and not (ax == "ep" and node.name in expert_params):
+                    # "dp", "cp" and "ep" axes split the data (batch rows, sequence positions): parameters
+                    # are replicated along them, except experts along "ep" (their leading dim).
+                    # (Sharded parameters along dp, ZeRO-3, are not planned yet.)
                     cands = [pl for pl in cands if pl[list(axes).index(ax)].kind == "R"]
+                elif k == "param" and ax in axes:
+                    cands = [pl for pl in cands if pl[list(axes).index(ax)] in (REPLICATE, shard(0))]
             if k == "input" and "cp" in axes:
                 cands = _sequence_sharded(node, cands, axes)
             add(node, k, [Strategy((pl,), (), "input") for pl in cands])
@@ -521,6 +526,8 @@ def _op_time(node, s: Strategy, ctx: CostContext, train: bool, grad_mask: tuple,
     ref = next((t for t in outs if t is not None), ins[0] if ins else None)
     itemsize = ref.element_size() if ref is not None else 4
     dtype = str(ref.dtype) if ref is not None else "torch.float32"
+    if name == MOE_OP:
+        return _moe_time(node, s, ctx, in_shapes, itemsize, dtype, train, mult) + ovh
     ring = ring_axis(node, s, ctx.names)
     if ring is not None:  # ring attention: every rank meets every key block
         p = ctx.axis_sizes[ring]
@@ -542,6 +549,34 @@ def _op_time(node, s: Strategy, ctx: CostContext, train: bool, grad_mask: tuple,
             return t + ovh
     est = ctx.profile.estimate(cls, roof, mult) if ctx.profile is not None else None
     return (mult * roof if est is None else est) + ovh
+
+
+def _moe_time(node, s: Strategy, ctx: CostContext, in_shapes, itemsize: int, dtype: str, train: bool,
+              mult: float) -> float:
+    r"""Seconds of one ``autopar.moe`` layer on its local tokens, forward plus backward when training.
+
+    With T local tokens, k picks, hidden H and body FLOPs φ per row, a rank runs R = T·k/q rows,
+    q the product of the axes where experts are sharded and tokens replicated (each rank runs its
+    experts' share). Its experts are E/s of them, s the product of all expert-sharded axes, so it
+    reads their weights once. Tokens exchanged on an axis of n ranks cost two all-to-alls of R·H
+    bytes forward (dispatch and combine) and two backward::
+
+        T = mult·roofline(φ·R, weights/s + 4·R·H·b) + (2 + 2·train)·t_a2a(R·H·b, n)
+
+    The load is assumed balanced across experts (``routing`` statistics refine the placement, not
+    this price).
+    """
+    layer = node.target
+    tokens, k, hidden = in_shapes[0][0], layer.top_k, layer.hidden
+    q = math.prod(n for n, x, e in zip(ctx.axis_sizes, s.ins[0], s.ins[3]) if x.kind == "R" and e.kind == "S")
+    rows = tokens * k / q
+    weights = sum(math.prod(sh) for sh in in_shapes[3:]) * itemsize
+    t = mult * compute_time(layer.flops_per_row * rows, weights + 4 * rows * hidden * itemsize, dtype, ctx.hw)
+    for a in moe_a2a_axes(s):
+        link = ctx._op_links[a]
+        link = link.get("all_to_all", link) if isinstance(link, dict) else link
+        t += (4 if train else 2) * collective_time("all_to_all", rows * hidden * itemsize, ctx.axis_sizes[a], link)
+    return t
 
 
 def ring_axis(node, s: Strategy, names: tuple) -> int | None:

@@ -9,7 +9,28 @@ import numpy as np
 
 from ..placements import local_shape
 from .annotate import Annotated, attention_scheme, gathers, grad_placements
-from .strategies import VIEW_OPS, op_name, outputs_meta, redistribute_steps
+from .moe import MOE_OP
+from .strategies import VIEW_OPS, moe_a2a_axes, op_name, outputs_meta, redistribute_steps
+
+
+def moe_layout(s, axes) -> str:
+    """``ep=all-to-all tp=own-experts dp=data`` for an ``autopar.moe`` strategy (strategies._moe_rules)."""
+    parts = []
+    for a, x, e in zip(axes, s.ins[0], s.ins[3]):
+        kind = ("all-to-all" if x.kind == "S" else "own-experts") if e.kind == "S" else "data" if x.kind == "S" else None
+        if kind:
+            parts.append(f"{a}={kind}")
+    return " ".join(parts) or "replicated"
+
+
+def moe_entry(layer, s, axes, params: dict) -> dict:
+    """What the plan records of one MoE layer: the layout, who exchanges tokens, and dispatch."""
+    a2a = [axes[a] for a in moe_a2a_axes(s)]
+    return {"layer": layer.name, "experts": layer.experts, "top_k": layer.top_k,
+            "expert_params": [params[p] for p in layer.params], "layout": moe_layout(s, axes),
+            "exchange_axis": a2a[0] if a2a else None,
+            "expert_axes": [a for a, e in zip(axes, s.ins[3]) if e.kind == "S"],
+            "dispatch": "dropless", "capacity_factor": None, "placement": None}
 
 
 def _pl_dict(axes, pl) -> dict | None:
@@ -159,6 +180,26 @@ def build_plan(an: Annotated, solution, hardware: str):
                                     for k, t in by_scheme.items()), key=lambda d: d["cost_s"]),
             "reason": "attention on the cp axis: the best strategy of each scheme (its compute, ring passes or "
                       "all-to-alls, and the redistributions to and from its neighbours) with every other choice held fixed",
+        }
+
+    for v, node in enumerate(an.nodes):
+        if an.kind[v] != "op" or op_name(node) != MOE_OP:
+            continue
+        nodes[v]["moe"] = moe_entry(node.target, chosen[v], axes, an.tg.params)
+        alts = _local_alternatives(an, v, choice, touching.get(v, ()))
+        by_layout: dict[str, float] = {}
+        for i, t in enumerate(alts):
+            k = moe_layout(an.strategies[v][i], axes)
+            if math.isfinite(t) and t < by_layout.get(k, math.inf):
+                by_layout[k] = float(t)
+        chosen_layout = moe_layout(chosen[v], axes)
+        explanations[node.name] = {
+            "chosen": chosen_layout,
+            "alternatives": sorted(({"moe": k, "cost_s": t, "delta_s": t - by_layout.get(chosen_layout, t)}
+                                    for k, t in by_layout.items()), key=lambda d: d["cost_s"]),
+            "reason": f"MoE layer {node.target.name} ({node.target.experts} experts, top-{node.target.top_k}): the "
+                      "best strategy of each layout (expert compute, all-to-alls, gradient syncs and the "
+                      "redistributions to and from its neighbours) with every other choice held fixed",
         }
 
     for entry, b in zip(nodes, node_bytes):

@@ -241,6 +241,8 @@ class StrategyEnumerator:
             cp = tuple(self.axes).index("cp")
             found = [s for s in found if not (s.ins[0][cp].kind == "S" and s.ins[0][cp].dim == 2 and any(
                 q.kind == "S" and q.dim == 1 and k.kind == "R" for q, k in zip(s.ins[0], s.ins[1])))]
+        if own is _moe_rules:
+            found = [s for s in found if len(moe_a2a_axes(s)) <= 1]
         if name in NO_NESTED_SHARDING:
             found = [s for s in found if not any(_nested(pl) for pl in (*s.ins, *s.outs) if pl)]
         if not found and all(t is None or t.dim() == 0 for t in (*outs_meta, *ins_meta)):
@@ -389,4 +391,34 @@ def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
     return out
 
 
-OWN_RULES = {"aten.scaled_dot_product_attention.default": _sdpa_rules}
+def _moe_rules(node: fx.Node, ins_meta, axis_names: tuple) -> list[list[tuple]]:
+    """An ``autopar.moe`` layer (passes/moe.py): out = Σ_j f(x[t], w[t,j]; θ[idx[t,j]]).
+
+    Tokens (x, idx, w and out alike) are independent rows; experts are independent along their
+    leading dim. Per axis:
+
+    * tokens S(0), experts S(0): expert parallelism, tokens go to their experts' owners by
+      all-to-all and come back (codegen/moe.py), on ``ep`` and ``tp`` axes;
+    * tokens S(0), experts R: data parallel (the expert gradients are partial sums);
+    * tokens R, experts S(0): each rank runs its own experts on every token, out P(sum);
+    * all R.
+
+    At most one axis exchanges tokens (``moe_a2a_axis``).
+    """
+    n_exp = len(ins_meta) - 3
+    tok = (shard(0),) * 4
+    rules = []
+    for name in axis_names:
+        axis = [(*tok, *[REPLICATE] * n_exp), (partial("sum"), REPLICATE, REPLICATE, REPLICATE, *[shard(0)] * n_exp)]
+        if name in ("ep", "tp"):
+            axis.append((*tok, *[shard(0)] * n_exp))
+        rules.append(axis)
+    return rules
+
+
+def moe_a2a_axes(s: Strategy) -> list[int]:
+    """Mesh axes on which an ``autopar.moe`` strategy exchanges tokens (tokens and experts S(0))."""
+    return [a for a, (x, e) in enumerate(zip(s.ins[0], s.ins[3])) if x.kind == "S" and e.kind == "S"]
+
+
+OWN_RULES = {"aten.scaled_dot_product_attention.default": _sdpa_rules, "autopar.moe": _moe_rules}

@@ -48,6 +48,7 @@ class TracedGraph:
     # the graph's leading outputs that are new values of buffers (BatchNorm running stats), by FQN
     mutated_buffers: list[str] = field(default_factory=list)
     joint: dict | None = None  # per-op backward costs from the joint graph (passes/joint.py), once computed
+    moe: list = field(default_factory=list)  # the fused mixture-of-experts layers (passes/moe.py)
 
 
 _HINTS = [
@@ -157,6 +158,9 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     aliases = _tie_aliases(model, gm, params)
     _merge_duplicate_views(gm)
     warnings = []
+    from .moe import fuse_moe
+
+    moe = fuse_moe(gm, params, warnings)
     non_tensor_inputs = [n.name for n in gm.graph.nodes
                          if n.op == "placeholder" and n.name in user_inputs and not isinstance(n.meta.get("val"), torch.Tensor)]
     if any(spec.kind.name not in ("BUFFER_MUTATION", "USER_OUTPUT") for spec in sig.output_specs):
@@ -179,6 +183,7 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
         graph_hash=graph_hash(gm, params, buffers),
         model_name=type(model).__name__,
         warnings=warnings,
+        moe=moe,
     )
 
 

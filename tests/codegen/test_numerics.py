@@ -81,6 +81,7 @@ def _check_models(rank, world, axes, names, pins=None, options=None):
                                                 for a, p in n["placements"].items() if p.startswith("S(")}),
                         "fqns": sorted(n for n, _ in pm.named_parameters()),
                         "attention": sorted({n["attention"] for n in pm.plan.nodes if n.get("attention")}),
+                        "moe": sorted({n["moe"]["layout"] for n in pm.plan.nodes if n.get("moe")}),
                         "ring_calls": sum(1 for n in pm.lowered_graph.graph.nodes if n.args[:1] == ("autopar.ring_attention",)),
                         # the norms' placements on tp (Megatron-SP runs them sequence-sharded, S(1))
                         "norms_tp": sorted({_first(n["placements"]).get("tp", "-") for n in pm.plan.nodes
