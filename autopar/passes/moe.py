@@ -191,8 +191,29 @@ def _fuse_one(gm, K, params, order, index) -> MoeLayer:
     raise _NotMoe(reasons[0] if reasons else "no [tokens, hidden] output after the routing")
 
 
+_LIKE = {"aten.full_like.default", "aten.zeros_like.default", "aten.empty_like.default", "aten.ones_like.default"}
+
+
+def _shape_only(n: fx.Node) -> bool:
+    """Whether a value depends on no tensor's values, only on shapes (factories, ``*_like``)."""
+    if n.op == "call_function" and _name(n) in _LIKE:
+        return True
+    return n.op == "call_function" and all(_shape_only(a) for a in n.all_input_nodes)
+
+
+def _shape_only_nodes(n: fx.Node) -> set:
+    if _name(n) in _LIKE:
+        return {n}
+    return {n}.union(*(_shape_only_nodes(a) for a in n.all_input_nodes))
+
+
 def _walk_to_base(n: fx.Node, T: int) -> fx.Node:
-    while n.op == "call_function" and _name(n) in _SHAPE_OPS and not (_val(n).dim() == 2 and _val(n).shape[0] == T):
+    """Back through shape ops and gathers at fixed positions (``x[arange(T).repeat_interleave(k)]``)."""
+    while n.op == "call_function" and not (_val(n).dim() == 2 and _val(n).shape[0] == T):
+        fixed_gather = (_name(n) == "aten.index.Tensor" and len(n.args[1]) == 1 and n.args[1][0] is not None
+                        and _shape_only(n.args[1][0]))
+        if _name(n) not in _SHAPE_OPS and not fixed_gather:
+            break
         n = n.args[0]
     return n
 
@@ -210,8 +231,8 @@ def _build(gm, K, idx, out, experts, T, E, k, index) -> MoeLayer:
         for a in n.all_input_nodes:
             if a in region or a is idx or a in used_experts:
                 continue
-            if not a.all_input_nodes:  # a factory (arange, empty): part of the layer
-                region.add(a)
+            if _shape_only(a):  # made from shapes alone (arange, zeros_like): part of the layer
+                region.update(_shape_only_nodes(a))
                 continue
             b = _walk_to_base(a, T)
             v = _val(b)
@@ -223,6 +244,7 @@ def _build(gm, K, idx, out, experts, T, E, k, index) -> MoeLayer:
             c = a
             while c is not b:
                 region.add(c)
+                region.update(n for arg in c.all_input_nodes[1:] if _shape_only(arg) for n in _shape_only_nodes(arg))
                 c = c.args[0]
     if set(bases) != {"x", "w"}:
         raise _NotMoe(f"could not find both the tokens and the routing weights (found {sorted(bases)})")

@@ -17,25 +17,40 @@ it with
 The contiguous placement (expert e on device ⌊e/(E/G)⌋) is what plain sharding of the expert dim
 gives, i.e. what the runtime does without a plan; it is the baseline.
 
-Model (CP-SAT), :func:`solve_placement`
----------------------------------------
-    Σ_g x[l, e, g] = 1                 ∀ l, e      (every expert once)
-    Σ_e x[l, e, g] = E/G               ∀ l, g      (equal weight shards: ``Placement.permutation``)
-    Σ_e ĉ[l, e]·x[l, e, g] ≤ M_l       ∀ l, g      (M_l: the layer's max load)
-    s[l, i, j, g] ≤ x[l, i, g],  s[l, i, j, g] ≤ x[l+1, j, g]    ∀ (i, j) ∈ P_l, g
-    min  (1/T)·Σ_l Σ_{(i,j) ∈ P_l} t[l, i, j]·(1 − Σ_g s[l, i, j, g]) + w·(1/L)·Σ_l M_l/m_l
+Model, :func:`solve_placement`
+------------------------------
+    x[l, e, g] ∈ {0, 1},  Σ_g x[l, e, g] = 1          ∀ l, e      (every expert once)
+    Σ_e x[l, e, g] = E/G                              ∀ l, g      (equal shards: ``Placement.permutation``)
+    Σ_e c[l, e]·x[l, e, g] ≤ M_l                      ∀ l, g      (M_l: the layer's max load)
+    min  cross/T + w·(1/L)·Σ_l M_l/m_l
+    cross/T = 1 − (1/T)·Σ_l Σ_{i,j} t[l, i, j]·Σ_g x[l, i, g]·x[l+1, j, g]
 
-T = Σ t (so the first term is the modelled share of cross-device pairs), m_l = Σ_e ĉ[l, e]/G the
-mean load and w = ``balance_weight``: a 1% cut of cross-device pairs is worth a 1/w % cut of the
-mean max/mean load ratio.  The per-layer maxima are summed (not the global max) because a step
-waits for the slowest device of every layer.  ĉ is c rescaled to 1000·G units per layer and both
-terms are scaled by 10⁶ to integer coefficients.  P_l keeps, for every i, its heaviest partners j
-until they cover ``pair_coverage`` of i's outgoing pairs, at most ``max_pairs`` of them (strong
-affinity is concentrated: this keeps the model at a few thousand s without losing traffic).
-Devices are interchangeable, so layer 0's r-th heaviest expert may only go to devices ≤ r.  A greedy
-placement (LPT at layer 0, then each expert of layer l+1, heaviest first, to the device its layer-l
-partners are on, unless that overloads it) is the hint; the best of it and CP-SAT's answer (by the
-objective, priced on the full t) is returned.
+T = Σ t, m_l = Σ_e c[l, e]/G (the mean load) and w = ``balance_weight``: a 1-point cut of the
+cross-device share is worth a 1/w-point cut of the mean max/mean load ratio.  Per-layer maxima are
+summed, not the global max, because a step waits for the slowest device of every layer.  With
+top-k > 1 about (k−1)/k of the pairs join two picks that only share a device by luck, so the
+cross-device share has a floor well above 0 whatever the placement.
+
+The products x·x make the model quadratic.  Linearised (s[l,i,j,g] ≤ x[l,i,g], s ≤ x[l+1,j,g],
+maximise Σ t·s over each expert's 3–4 heaviest partners), the 8 layers × 64 experts × 8 devices
+instance has 15,000–18,000 Booleans, and CP-SAT (2 workers, 8 s) barely moved a greedy hint.  So it is
+solved in two phases:
+
+1. Block-coordinate descent on exact subproblems.  With every layer but l fixed the objective is
+   linear in x[l, ·, ·] (gain[e, g]: the t pairs of e with its neighbours on device g in layers
+   l ± 1), a 512-Boolean multi-knapsack that CP-SAT solves to optimality in ~0.1 s.  Sweeps over the
+   layers repeat until one improves nothing; a step is kept only when the exact objective drops.
+   The start is greedy: LPT with E/G slots per device at layer 0, then each expert of layer l+1,
+   heaviest first, to the device holding most of its layer-l traffic unless that overloads it.
+2. With the time left, the linearised joint model hinted with phase 1's answer, on each expert's
+   heaviest partners (all of them when (L−1)·E²·G ≤ 16384: exact on small instances, where it
+   finds the brute-force optimum that phase 1 can miss by a few %).  Kept only if better.
+
+Loads are rescaled to 1000·G units per layer and both terms multiplied by 10⁶ for CP-SAT's integer
+coefficients.  On the synthetic trace phase 1 converges in 2–8 s on 2 cores with every layer's max
+load within 3% of the bound max(m_l, c_max + the E/G − 1 smallest c); phase 2 adds nothing there.
+With ``workers=1`` phase 1 is deterministic (deterministic time limits) when it converges in time;
+phase 2 stops on wall time, so its result can depend on the machine's speed.
 """
 
 from __future__ import annotations
@@ -55,6 +70,19 @@ __all__ = ["RoutingStats", "Placement", "synthetic_routing", "contiguous", "roun
 
 _SEED = 20240501
 _SCALE = 10**6
+_JOINT_VARS = 16384  # linearisation Booleans of the joint model
+_STEP_DTIME = 0.5  # deterministic seconds per layer subproblem (those of 64 experts x 8 devices end OPTIMAL in ~0.1)
+
+
+def _as_counts(name: str, v) -> np.ndarray:
+    """``v`` as an int64 array of non-negative counts (whole floats accepted)."""
+    try:
+        f = np.asarray(v, dtype=float)
+    except (ValueError, TypeError) as e:
+        raise AutoparError(f"RoutingStats.{name} must be a numeric array: {e}") from e
+    if not np.isfinite(f).all() or (f < 0).any() or (f != np.rint(f)).any():
+        raise AutoparError(f"RoutingStats.{name} must hold non-negative whole token counts")
+    return f.astype(np.int64)
 
 
 @dataclass
@@ -67,16 +95,13 @@ class RoutingStats:
     top_k: int
 
     def __post_init__(self):
-        self.counts = np.asarray(self.counts, dtype=np.int64)
-        self.transitions = np.asarray(self.transitions, dtype=np.int64)
+        self.counts, self.transitions = _as_counts("counts", self.counts), _as_counts("transitions", self.transitions)
         if self.counts.ndim != 2 or self.counts.shape[0] < 1 or self.counts.shape[1] < 1:
             raise AutoparError(f"RoutingStats.counts must have shape [layers, experts], got {self.counts.shape}")
         L, E = self.counts.shape
         if self.transitions.shape != (L - 1, E, E):
             raise AutoparError(f"RoutingStats.transitions must have shape [layers-1, experts, experts] = "
                                f"{(L - 1, E, E)} for counts of shape {(L, E)}, got {self.transitions.shape}")
-        if (self.counts < 0).any() or (self.transitions < 0).any():
-            raise AutoparError("RoutingStats.counts and transitions must be non-negative")
         if int(self.top_k) < 1 or int(self.tokens) < 0:
             raise AutoparError(f"RoutingStats needs top_k >= 1 and tokens >= 0, got {self.top_k}, {self.tokens}")
         self.tokens, self.top_k = int(self.tokens), int(self.top_k)
@@ -96,7 +121,8 @@ class RoutingStats:
     @classmethod
     def from_json(cls, d: dict) -> "RoutingStats":
         if not isinstance(d, dict) or d.get("version") != 1:
-            raise AutoparError(f"not a version-1 RoutingStats document (version {d.get('version') if isinstance(d, dict) else None!r})")
+            got = d.get("version") if isinstance(d, dict) else type(d).__name__
+            raise AutoparError(f"not a version-1 RoutingStats document (version {got!r})")
         try:
             counts, trans = np.asarray(d["counts"]), np.asarray(d["transitions"])
             if trans.size == 0 and counts.ndim == 2:  # one layer: [] stands for shape [0, E, E]
@@ -113,8 +139,8 @@ class RoutingStats:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-def synthetic_routing(layers: int = 8, experts: int = 64, tokens: int = 16384, top_k: int = 2, skew: float = 1.0,
-                      affinity: float = 0.8, seed: int = 0) -> RoutingStats:
+def synthetic_routing(layers: int = 8, experts: int = 64, tokens: int = 16384, top_k: int = 2, skew: float = 0.6,
+                      affinity: float = 0.9, seed: int = 0) -> RoutingStats:
     """Sampled token paths with skewed popularity and inter-layer affinity.
 
     Layer l's popularity is Zipf, p[l, σ_l(r)] ∝ (r+1)^-skew for a random permutation σ_l.  Layer 0's
@@ -122,7 +148,7 @@ def synthetic_routing(layers: int = 8, experts: int = 64, tokens: int = 16384, t
     kept as its partner π_l(i) with probability ``affinity`` (π_l a random permutation), and the
     remaining slots are drawn from p[l+1] without replacement among the other experts."""
     if not 1 <= top_k <= experts or layers < 1 or tokens < 0:
-        raise AutoparError(f"synthetic_routing needs layers >= 1, tokens >= 0 and 1 <= top_k <= experts")
+        raise AutoparError("synthetic_routing needs layers >= 1, tokens >= 0 and 1 <= top_k <= experts")
     rng = np.random.default_rng(seed)
     logp = np.array([np.log((np.arange(experts) + 1.0) ** -skew)[rng.permutation(experts)] for _ in range(layers)])
     partner = np.array([rng.permutation(experts) for _ in range(layers - 1)])
@@ -153,6 +179,9 @@ class Placement:
     def __post_init__(self):
         self.assignment = [[int(g) for g in row] for row in self.assignment]
         G = self.devices = int(self.devices)
+        if len({len(row) for row in self.assignment}) > 1:
+            raise AutoparError("every layer must have the same number of experts, got "
+                               f"{[len(r) for r in self.assignment]}")
         for l, row in enumerate(self.assignment):
             if G < 1 or len(row) % G:
                 raise AutoparError(f"layer {l}: {len(row)} experts do not split evenly over {G} devices")
@@ -245,90 +274,125 @@ def _greedy(c: np.ndarray, t: np.ndarray, G: int, w: float) -> np.ndarray:
     return a
 
 
-def _canonical(a: np.ndarray, order0: np.ndarray) -> np.ndarray:
-    """Relabel devices by first appearance along layer 0's ``order0`` (the symmetry breaking's form)."""
-    relabel = {}
-    for e in order0:
-        relabel.setdefault(int(a[0, e]), len(relabel))
-    return np.vectorize(relabel.__getitem__)(a)
+def _layer_step(c: np.ndarray, gain: np.ndarray, G: int, w_m: float, hint: np.ndarray, workers: int,
+                deadline: float) -> np.ndarray | None:
+    """One layer's exact subproblem: max Σ gain·x − w_m·M over x[e, g] with E/G experts a device and
+    load ≤ M (the other layers fixed); None if CP-SAT found nothing."""
+    from ortools.sat.python import cp_model
+
+    E = len(c)
+    m = cp_model.CpModel()
+    x = [[m.new_bool_var(f"x{e}_{g}") for g in range(G)] for e in range(E)]
+    big = m.new_int_var(0, int(c.sum()), "M")
+    for e in range(E):
+        m.add_exactly_one(x[e])
+        for g in range(G):
+            m.add_hint(x[e][g], bool(hint[e] == g))
+    for g in range(G):
+        m.add(sum(x[e][g] for e in range(E)) == E // G)
+        m.add(sum(int(c[e]) * x[e][g] for e in range(E)) <= big)
+    m.add_hint(big, int(np.bincount(hint, weights=c, minlength=G).max()))
+    m.minimize(int(round(w_m)) * big - sum(int(gain[e, g]) * x[e][g] for e in range(E) for g in range(G) if gain[e, g]))
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers, solver.parameters.random_seed = workers, _SEED
+    solver.parameters.max_deterministic_time = _STEP_DTIME
+    solver.parameters.max_time_in_seconds = max(deadline - time.perf_counter(), 0.01)
+    if solver.solve(m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    return np.array([next(g for g in range(G) if solver.value(x[e][g])) for e in range(E)])
+
+
+def _joint_step(stats: RoutingStats, cq: np.ndarray, G: int, w: float, hint: np.ndarray, workers: int,
+                deadline: float) -> np.ndarray | None:
+    """The whole model, products linearised on each expert's heaviest partners (all of them when
+    (L−1)·E²·G ≤ _JOINT_VARS), hinted with ``hint``; None if CP-SAT found nothing."""
+    from ortools.sat.python import cp_model
+
+    (L, E), t = cq.shape, stats.transitions
+    tot, keep = max(int(t.sum()), 1), max(1, _JOINT_VARS // max((L - 1) * E * G, 1))
+    m = cp_model.CpModel()
+    x = {(l, e, g): m.new_bool_var(f"x{l}_{e}_{g}") for l in range(L) for e in range(E) for g in range(G)}
+    obj = []
+    for l in range(L):
+        big = m.new_int_var(0, int(cq[l].sum()), f"M{l}")
+        m.add_hint(big, int(np.bincount(hint[l], weights=cq[l], minlength=G).max()))
+        obj.append(int(round(_SCALE * w * G / (L * max(int(cq[l].sum()), 1)))) * big)
+        for e in range(E):
+            m.add_exactly_one(x[l, e, g] for g in range(G))
+        for g in range(G):
+            m.add(sum(x[l, e, g] for e in range(E)) == E // G)
+            m.add(sum(int(cq[l, e]) * x[l, e, g] for e in range(E)) <= big)
+    for (l, e, g), v in x.items():
+        m.add_hint(v, bool(hint[l, e] == g))
+    for l in range(L - 1):
+        for i in range(E):
+            for j in np.argsort(-t[l, i], kind="stable")[:keep]:
+                coef = int(round(_SCALE * t[l, i, j] / tot))
+                for g in range(G) if coef else ():
+                    s = m.new_bool_var(f"s{l}_{i}_{j}_{g}")
+                    m.add_implication(s, x[l, i, g])
+                    m.add_implication(s, x[l + 1, j, g])
+                    m.add_hint(s, bool(hint[l, i] == g == hint[l + 1, j]))
+                    obj.append(-coef * s)
+    m.minimize(sum(obj))
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers, solver.parameters.random_seed = workers, _SEED
+    solver.parameters.max_time_in_seconds = max(deadline - time.perf_counter(), 0.01)
+    status = solver.solve(m)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    return np.array([[next(g for g in range(G) if solver.value(x[l, e, g])) for e in range(E)] for l in range(L)])
 
 
 def solve_placement(stats: RoutingStats, devices: int, *, time_limit_s: float = 8.0, balance_weight: float = 1.0,
                     workers: int = 1, progress: Callable[[float, float], None] | None = None,
-                    pair_coverage: float = 0.9, max_pairs: int = 3) -> Placement:
-    """The placement minimising the module docstring's objective (best found in ``time_limit_s``).
+                    max_sweeps: int = 20, joint: bool = True) -> Placement:
+    """The best placement found in ``time_limit_s`` for the module docstring's objective.
 
-    ``progress(elapsed_s, objective)`` is called on every improving CP-SAT solution (objective as
-    in the module docstring, ≈ cross-device fraction + balance_weight·mean max/mean load)."""
-    from ortools.sat.python import cp_model
-
+    ``progress(elapsed_s, objective)`` is called on the greedy start and on every improvement
+    (objective: cross-device fraction + balance_weight·mean over layers of max/mean load)."""
     L, E, G = stats.layers, stats.experts, int(devices)
     _check_split(E, G)
     if G == 1:
         return Placement(1, [[0] * E for _ in range(L)])
-    t0, cap, w = time.perf_counter(), E // G, float(balance_weight)
-    tot = max(int(stats.transitions.sum()), 1)
-    q = 1000 * G
-    cq = np.rint(stats.counts * q / np.maximum(stats.counts.sum(axis=1, keepdims=True), 1)).astype(np.int64)
-    order0 = np.argsort(-stats.counts[0], kind="stable")
-    hint = _canonical(_greedy(stats.counts.astype(float), stats.transitions.astype(float), G, w), order0)
-
-    m = cp_model.CpModel()
-    x = {(l, e, g): m.new_bool_var(f"x{l}_{e}_{g}") for l in range(L) for e in range(E) for g in range(G)}
-    for l in range(L):
-        for e in range(E):
-            m.add_exactly_one(x[l, e, g] for g in range(G))
-        for g in range(G):
-            m.add(sum(x[l, e, g] for e in range(E)) == cap)
-    for r, e in enumerate(order0[:G - 1]):  # symmetry: the r-th heaviest expert of layer 0 on a device ≤ r
-        for g in range(r + 1, G):
-            m.add(x[0, int(e), g] == 0)
-    big = {l: m.new_int_var(0, int(cq[l].sum()), f"M{l}") for l in range(L)}
-    for l in range(L):
-        for g in range(G):
-            m.add(sum(int(cq[l, e]) * x[l, e, g] for e in range(E)) <= big[l])
-    kept = []
-    for l in range(L - 1):
-        for i in range(E):
-            row = stats.transitions[l, i]
-            js, acc = [], 0
-            for j in np.argsort(-row, kind="stable")[:max_pairs]:
-                if row[j] == 0 or acc >= pair_coverage * row.sum():
-                    break
-                js.append(int(j))
-                acc += row[j]
-            for j in js:
-                coef = int(round(_SCALE * row[j] / tot))
-                if coef == 0:
-                    continue
-                for g in range(G):
-                    s = m.new_bool_var(f"s{l}_{i}_{j}_{g}")
-                    m.add_implication(s, x[l, i, g])
-                    m.add_implication(s, x[l + 1, j, g])
-                    kept.append((coef, s))
-                    m.add_hint(s, bool(hint[l, i] == g and hint[l + 1, j] == g))
-    big_coef = {l: int(round(_SCALE * w * G / (L * max(cq[l].sum(), 1)))) for l in range(L)}
-    m.minimize(sum(big_coef[l] * big[l] for l in range(L)) - sum(c * s for c, s in kept))
-    for (l, e, g), v in x.items():
-        m.add_hint(v, bool(hint[l, e] == g))
-    for l in range(L):
-        m.add_hint(big[l], int(np.bincount(hint[l], weights=cq[l], minlength=G).max()))
-
-    class _Progress(cp_model.CpSolverSolutionCallback):
-        def on_solution_callback(self):
+    t0, w = time.perf_counter(), float(balance_weight)
+    c, t = stats.counts, stats.transitions
+    tot = max(int(t.sum()), 1)
+    cq = np.rint(c * (1000 * G) / np.maximum(c.sum(axis=1, keepdims=True), 1)).astype(np.int64)
+    a = _greedy(c.astype(float), t.astype(float), G, w)
+    best = _objective(stats, a, G, w)
+    if progress is not None:
+        progress(time.perf_counter() - t0, best)
+    for _ in range(max_sweeps):
+        improved = False
+        for l in range(L):
+            left = time_limit_s - (time.perf_counter() - t0)
+            if left <= 0:
+                return Placement(G, a.tolist())
+            gain = np.zeros((E, G))  # pairs kept on device g by putting e there, the neighbours fixed
+            for g in range(G):
+                if l > 0:
+                    gain[:, g] += t[l - 1][a[l - 1] == g].sum(axis=0)
+                if l < L - 1:
+                    gain[:, g] += t[l][:, a[l + 1] == g].sum(axis=1)
+            w_m = _SCALE * w * G / (L * max(int(cq[l].sum()), 1))
+            new = _layer_step(cq[l], np.rint(_SCALE * gain / tot), G, w_m, a[l], workers, t0 + time_limit_s)
+            if new is None:
+                continue
+            b = a.copy()
+            b[l] = new
+            score = _objective(stats, b, G, w)
+            if score < best - 1e-12:
+                a, best, improved = b, score, True
+                if progress is not None:
+                    progress(time.perf_counter() - t0, best)
+        if not improved:
+            break
+    left = time_limit_s - (time.perf_counter() - t0)
+    if joint and left > 0:
+        got = _joint_step(stats, cq, G, w, a, workers, t0 + time_limit_s)
+        if got is not None and _objective(stats, got, G, w) < best - 1e-12:
+            a, best = got, _objective(stats, got, G, w)
             if progress is not None:
-                progress(time.perf_counter() - t0, (self.objective_value + sum(c for c, _ in kept)) / _SCALE)
-
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = max(1, int(workers))
-    solver.parameters.random_seed = _SEED
-    solver.parameters.max_time_in_seconds = max(0.0, time_limit_s - (time.perf_counter() - t0))
-    import os
-    solver.parameters.log_search_progress = bool(os.environ.get("EPLOG"))
-    status = solver.solve(m, _Progress())
-    best = hint
-    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        got = np.array([[next(g for g in range(G) if solver.value(x[l, e, g])) for e in range(E)] for l in range(L)])
-        if _objective(stats, got, G, w) <= _objective(stats, hint, G, w):
-            best = got
-    return Placement(G, best.tolist())
+                progress(time.perf_counter() - t0, best)
+    return Placement(G, a.tolist())
