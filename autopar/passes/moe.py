@@ -179,6 +179,8 @@ def _fuse_one(gm, K, params, order, index) -> MoeLayer:
     before_k = _ancestors(K)
     experts = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name in params and _val(n) is not None
                and _val(n).dim() >= 2 and _val(n).shape[0] == E and n not in before_k]
+    if not experts:
+        raise _NotMoe("")  # no expert weights at all: an ordinary top-k, nothing to say
     d_idx = _descendants([idx])
     outs = [n for n in gm.graph.nodes if n in d_idx and order[n] > order[K] and isinstance(_val(n), torch.Tensor)
             and _val(n).dim() == 2 and _val(n).shape[0] == T and _val(n).dtype.is_floating_point]

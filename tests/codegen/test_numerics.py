@@ -47,7 +47,9 @@ def _param_tolerance(name) -> float:
     return 1e-6 if name in ZERO_GRAD_MODELS else 0.02 * LR
 
 
-def _check_models(rank, world, axes, names, pins=None, options=None):
+def _check_models(rank, world, axes, names, pins=None, options=None, share_plan=False):
+    """``share_plan``: rank 0 plans and the others take its plan (``compile(plan=)``), which
+    saves three joint-graph traces and solves per model where planning itself is not under test."""
     import autopar
     from models import build, logits, rel_err
 
@@ -55,7 +57,16 @@ def _check_models(rank, world, axes, names, pins=None, options=None):
     for name in names:
         model, inputs = build(name)
         ref = copy.deepcopy(model)
-        pm = autopar.compile(model, autopar.Mesh(axes, hardware=SHARDING_PRESET), example_inputs=inputs,
+        mesh = autopar.Mesh(axes, hardware=SHARDING_PRESET)
+        plan = None
+        if share_plan:
+            import torch.distributed as dist
+
+            box = [autopar.plan(model, mesh, inputs, pins=(pins or {}).get(name), **(options or {})).to_json()
+                   if rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            plan = autopar.Plan.from_json(box[0])
+        pm = autopar.compile(model, mesh, example_inputs=inputs, plan=plan,
                              pins=(pins or {}).get(name), **(options or {}))
         ref_opt, opt = _optimizer(name, ref.parameters()), _optimizer(name, pm.parameters())
         errs = {"out": 0.0, "grad": 0.0, "param": 0.0}
