@@ -10,8 +10,9 @@ from .plan import Plan  # noqa: E402  (loads the submodule autopar.plan before t
 from .api import compile, plan  # noqa: E402,A004  the function autopar.plan replaces the submodule attribute
 from .codegen.runtime import ParallelModule  # noqa: E402
 from .batching import BatchPlan, plan_batch  # noqa: E402
+from .routing import RoutingStats, profile_routing  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["AutoparError", "InfeasibleError", "MeshError", "PlanError", "TraceError", "Mesh", "Plan", "ParallelModule",
-           "plan", "compile", "BatchPlan", "plan_batch"]
+           "plan", "compile", "BatchPlan", "plan_batch", "RoutingStats", "profile_routing"]

@@ -28,7 +28,8 @@ def _check(model, mesh, mode, optimizer="adamw"):
 def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
          time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None, op_profile="auto",
          pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
-         context_parallel: str = "auto", sequence_parallel: bool | None = None):
+         context_parallel: str = "auto", sequence_parallel: bool | None = None, capacity_factor: float | None = None,
+         routing=None):
     """Plan ``model`` on ``mesh`` without running anything; works on the ``meta`` device.
 
     ``pins`` fixes placements the solver must keep: ``{"blocks.*.fc1.weight": "S(0)"}`` (fnmatch
@@ -48,6 +49,11 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     carry the sequence dim are never replicated on tp (layernorms and residuals run
     sequence-sharded; all-reduces become reduce-scatter + all-gather pairs). ``None`` leaves it
     to the solver, which takes it where it pays (memory or time); ``False`` forbids it.
+    MoE layers (found on the graph, passes/moe.py) may shard their experts over an ``ep`` (or
+    ``tp``) axis and move tokens to them by all-to-all. Their dispatch is dropless unless
+    ``capacity_factor`` caps the assignments each rank sends each expert (the rest are dropped,
+    and the plan says so); ``routing`` (``autopar.profile_routing(...)`` or its saved file) makes
+    the plan place experts on devices by their measured load and inter-layer traffic.
     Returns an
     ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and ``InfeasibleError``
     if no layout fits the device memory.
@@ -58,7 +64,8 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
         return _plan_pipelined(model, mesh, example_inputs, mode=mode, example_kwargs=example_kwargs,
                                time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=say,
                                op_profile=op_profile, pins=pins, optimizer=optimizer, stages=pipeline,
-                               context_parallel=context_parallel, sequence_parallel=sequence_parallel)
+                               context_parallel=context_parallel, sequence_parallel=sequence_parallel,
+                               capacity_factor=capacity_factor, routing=routing)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     from .passes.trace import trace
@@ -68,7 +75,8 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     return plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                        progress=say, trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
-                       context_parallel=context_parallel, sequence_parallel=sequence_parallel)
+                       context_parallel=context_parallel, sequence_parallel=sequence_parallel,
+                       capacity_factor=capacity_factor, routing=routing)
 
 
 def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, progress, **options):
@@ -109,7 +117,8 @@ def _op_profile(spec, hw):
 
 
 def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None,
-                op_profile="auto", pins=None, optimizer="adamw", context_parallel="auto", sequence_parallel=None):
+                op_profile="auto", pins=None, optimizer="adamw", context_parallel="auto", sequence_parallel=None,
+                capacity_factor=None, routing=None):
     from .passes.annotate import annotate
     from .passes.build_plan import build_plan
     from .solvers.intra_op import solve
@@ -151,6 +160,11 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     if fixed:  # the runtime's fixed cost per step (profiled): the same for every layout
         plan.time_breakdown["runtime_s"] = fixed
         plan.step_time_s += fixed
+    from .routing import place_experts, set_dispatch
+
+    set_dispatch(plan, capacity_factor)
+    if routing is not None:
+        place_experts(plan, routing, mesh.axes, progress, time_limit_s=min(8.0, time_limit_s))
     if context_parallel != "auto":
         plan.solver["context_parallel"] = context_parallel
     if sequence_parallel is not None:
@@ -165,7 +179,8 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
 def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
             plan=None, time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None,
             op_profile="auto", pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
-            context_parallel: str = "auto", sequence_parallel: bool | None = None):
+            context_parallel: str = "auto", sequence_parallel: bool | None = None, capacity_factor: float | None = None,
+            routing=None):
     """Plan (or take ``plan``) and build the ParallelModule. Call on every rank.
 
     Every rank must reach the same plan; the plan hashes are compared across ranks and a
@@ -190,7 +205,8 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
         return _compile_pipelined(model, mesh, device_mesh, example_inputs, example_kwargs, plan, mode=mode,
                                   time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=progress,
                                   op_profile=op_profile, pins=pins, optimizer=optimizer, pipeline=pipeline,
-                                  context_parallel=context_parallel, sequence_parallel=sequence_parallel)
+                                  context_parallel=context_parallel, sequence_parallel=sequence_parallel,
+                                  capacity_factor=capacity_factor, routing=routing)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     tg = trace(model, example_inputs, example_kwargs)
@@ -198,7 +214,8 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
         plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                            progress=progress or (lambda m: None),
                            trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
-                           context_parallel=context_parallel, sequence_parallel=sequence_parallel)
+                           context_parallel=context_parallel, sequence_parallel=sequence_parallel,
+                           capacity_factor=capacity_factor, routing=routing)
     else:
         check_graph_hash(plan, tg.graph_hash)
         if dict(plan.mesh) != dict(mesh.axes):

@@ -30,6 +30,9 @@ import torch.distributed as dist
 from .moe_permute import combine, permute_rows
 
 
+TRAFFIC: list | None = None  # when a list: (layer, rows sent off-rank, bytes per row) per dispatch
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single along dim 0 with uneven splits; backward sends the gradients back."""
 
@@ -90,6 +93,8 @@ def moe_forward(layer, x, idx, w, experts, route=None, group=None, capacity_fact
         send = torch.bincount(dest[order], minlength=n_groups)
         recv = exchange_counts(send, group)
         s, r = send.tolist(), recv.tolist()
+        if TRAFFIC is not None:  # rows this rank's dispatch sends to other ranks (benchmarks/moe_alltoall.py)
+            TRAFFIC.append((layer.name, sum(s) - s[dist.get_rank(group)], rows.shape[1] * rows.element_size()))
         rows_in = all_to_all(rows, r, s, group)
         wts_in = all_to_all(wts.unsqueeze(1), r, s, group).squeeze(1)
         slots_in = all_to_all(slots.unsqueeze(1), r, s, group).squeeze(1)

@@ -290,6 +290,7 @@ def install_parameters(module: nn.Module, model: nn.Module, plan, mesh, axes=Non
 
     axes = list(plan.mesh) if axes is None else axes
     replaced: dict[int, nn.Parameter] = {}
+    order = expert_orders(plan)
     for fqn, p in list(model.named_parameters(remove_duplicate=False)):
         owner, _, leaf = fqn.rpartition(".")
         target = module.get_submodule(owner) if owner else module
@@ -301,7 +302,8 @@ def install_parameters(module: nn.Module, model: nn.Module, plan, mesh, axes=Non
             pls = plan.param_placements.get(fqn)
             if pls is None:
                 raise PlanError(f"the plan has no placement for parameter {fqn!r}", f"$.param_placements[{fqn!r}]")
-            dt = distribute_tensor(p.detach(), mesh, _placements([pls[a] for a in axes]), src_data_rank=None)
+            data = p.detach()[order[fqn]] if fqn in order else p.detach()  # experts in the plan's placement
+            dt = distribute_tensor(data, mesh, _placements([pls[a] for a in axes]), src_data_rank=None)
             newp = nn.Parameter(dt, requires_grad=p.requires_grad)
             if hook:
                 newp.register_post_accumulate_grad_hook(sync_gradients)
@@ -310,6 +312,13 @@ def install_parameters(module: nn.Module, model: nn.Module, plan, mesh, axes=Non
             module.register_parameter(leaf, replaced[id(p)])
         else:
             setattr(target, leaf, replaced[id(p)])
+
+
+def expert_orders(plan) -> dict[str, list[int]]:
+    """Expert tensor FQN -> the order its rows are stored in (an MoE layer's placement, passes
+    through routing.place_experts): row r holds expert order[r]."""
+    return {fqn: n["moe"]["placement"] for n in plan.nodes if n.get("moe") and n["moe"].get("placement")
+            for fqn in n["moe"]["expert_params"]}
 
 
 class CompiledModule(nn.Module):

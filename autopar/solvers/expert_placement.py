@@ -96,6 +96,9 @@ class RoutingStats:
     transitions: np.ndarray
     tokens: int
     top_k: int
+    # optional [L, S, E]: counts[l, e] split over S equal, contiguous slices of the profiled tokens
+    # (the token shards of S data-parallel ranks): what each rank sends where
+    shard_counts: np.ndarray | None = None
 
     def __post_init__(self):
         self.counts, self.transitions = _as_counts("counts", self.counts), _as_counts("transitions", self.transitions)
@@ -108,6 +111,12 @@ class RoutingStats:
         if int(self.top_k) < 1 or int(self.tokens) < 0:
             raise AutoparError(f"RoutingStats needs top_k >= 1 and tokens >= 0, got {self.top_k}, {self.tokens}")
         self.tokens, self.top_k = int(self.tokens), int(self.top_k)
+        if self.shard_counts is not None:
+            self.shard_counts = _as_counts("shard_counts", self.shard_counts)
+            if self.shard_counts.ndim != 3 or self.shard_counts.shape[::2] != (L, E) or \
+                    not np.array_equal(self.shard_counts.sum(1), self.counts):
+                raise AutoparError(f"RoutingStats.shard_counts must have shape [layers, shards, experts] and sum "
+                                   f"over shards to counts; got shape {self.shard_counts.shape}")
 
     @property
     def layers(self) -> int:
@@ -118,8 +127,11 @@ class RoutingStats:
         return self.counts.shape[1]
 
     def to_json(self) -> dict:
-        return {"version": 1, "tokens": self.tokens, "top_k": self.top_k, "counts": self.counts.tolist(),
-                "transitions": self.transitions.tolist()}
+        doc = {"version": 1, "tokens": self.tokens, "top_k": self.top_k, "counts": self.counts.tolist(),
+               "transitions": self.transitions.tolist()}
+        if self.shard_counts is not None:
+            doc["shard_counts"] = self.shard_counts.tolist()
+        return doc
 
     @classmethod
     def from_json(cls, d: dict) -> "RoutingStats":
@@ -130,7 +142,8 @@ class RoutingStats:
             counts, trans = np.asarray(d["counts"]), np.asarray(d["transitions"])
             if trans.size == 0 and counts.ndim == 2:  # one layer: [] stands for shape [0, E, E]
                 trans = trans.reshape(0, counts.shape[1], counts.shape[1])
-            return cls(counts, trans, d["tokens"], d["top_k"])
+            return cls(counts, trans, d["tokens"], d["top_k"],
+                       np.asarray(d["shard_counts"]) if d.get("shard_counts") is not None else None)
         except (KeyError, ValueError, TypeError) as e:
             raise AutoparError(f"malformed RoutingStats document: {e}") from e
 

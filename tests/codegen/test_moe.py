@@ -19,7 +19,9 @@ MIXTRAL, QWEN = "hf_mixtral", "hf_qwen_moe"  # 8 experts (grouped_mm); 4 experts
 EP = {"moe_*": {"ep": "S(0)"}, "*experts*": {"ep": "S(0)"}}
 # (mesh, pins, the layout every MoE layer must run, models); CI runs each 4-rank mesh on one model
 CASES = {
-    2: [({"ep": 2}, EP, "ep=all-to-all", [MIXTRAL, QWEN])],
+    2: [({"ep": 2}, EP, "ep=all-to-all", [MIXTRAL, QWEN]),
+        # experts placed by the ILP from the routing of the batch: stored permuted, same numbers
+        ({"ep": 2}, {**EP, "routing": True}, "ep=all-to-all", [MIXTRAL])],
     4: [({"ep": 4}, EP, "ep=all-to-all", [MIXTRAL, QWEN]),
         ({"dp": 2, "ep": 2}, EP, "dp=data ep=all-to-all", [MIXTRAL, QWEN] if FULL else [QWEN]),
         # tp inside the experts: each tp rank runs its half of the ep rank's experts, partial sums
@@ -33,8 +35,17 @@ if FULL:
 
 
 def _run_cases(rank, world, cases):
-    return [_check_models(rank, world, axes, names, {n: pins for n in names}, share_plan=True)
-            for axes, pins, _, names in cases]
+    out = []
+    for axes, pins, _, names in cases:
+        options = {}
+        if pins.get("routing"):
+            import autopar
+            from models import build
+
+            pins = {k: v for k, v in pins.items() if k != "routing"}
+            options.update(routing=autopar.profile_routing(*build(names[0])), time_limit_s=2.0)
+        out.append(_check_models(rank, world, axes, names, {n: pins for n in names}, options, share_plan=True))
+    return out
 
 
 @pytest.mark.parametrize("world", sorted(CASES))
@@ -48,6 +59,8 @@ def test_expert_parallel_matches_single_device(world):
             assert rep["errs"]["param"] < _param_tolerance(name), what
             assert rep["fixups"] == [], (what, rep["fixups"])
             assert rep["moe"] == [layout], (what, rep["moe"])
+            if pins.get("routing"):  # the placement is not the identity, so the permutation really ran
+                assert rep["expert_orders"] and any(o != sorted(o) for o in rep["expert_orders"].values())
             # the experts really are sharded over ep: each rank holds its share only
             experts = {f: p for f, p in rep["placements"].items() if "experts" in f}
             assert experts and all(p["ep"] == "S(0)" for p in experts.values()), experts

@@ -69,6 +69,7 @@ def _check_models(rank, world, axes, names, pins=None, options=None, share_plan=
         pm = autopar.compile(model, mesh, example_inputs=inputs, plan=plan,
                              pins=(pins or {}).get(name), **(options or {}))
         ref_opt, opt = _optimizer(name, ref.parameters()), _optimizer(name, pm.parameters())
+        full = _model_order(pm.plan)
         errs = {"out": 0.0, "grad": 0.0, "param": 0.0}
         for step in range(3):
             y, y_ref = logits(pm(*inputs)), logits(ref(*inputs))
@@ -80,11 +81,11 @@ def _check_models(rank, world, axes, names, pins=None, options=None, share_plan=
             for fqn, p in pm.named_parameters():
                 assert p.grad is not None, f"{name}: {fqn} got no gradient"
                 if step == 0:
-                    errs["grad"] = max(errs["grad"], rel_err(p.grad.full_tensor(), ref_params[fqn].grad))
+                    errs["grad"] = max(errs["grad"], rel_err(full(fqn, p.grad), ref_params[fqn].grad))
             opt.step(), ref_opt.step()
             opt.zero_grad(), ref_opt.zero_grad()
         for fqn, p in pm.named_parameters():
-            diff = float((p.full_tensor() - ref_params[fqn].detach()).abs().max())
+            diff = float((full(fqn, p) - ref_params[fqn].detach()).abs().max())
             errs["param"] = max(errs["param"], diff)
         report[name] = {"errs": errs, "fixups": list(pm.runtime_fixups),
                         "placements": pm.plan.param_placements,
@@ -93,11 +94,37 @@ def _check_models(rank, world, axes, names, pins=None, options=None, share_plan=
                         "fqns": sorted(n for n, _ in pm.named_parameters()),
                         "attention": sorted({n["attention"] for n in pm.plan.nodes if n.get("attention")}),
                         "moe": sorted({n["moe"]["layout"] for n in pm.plan.nodes if n.get("moe")}),
+                        "expert_orders": _expert_orders(pm.plan),
                         "ring_calls": sum(1 for n in pm.lowered_graph.graph.nodes if n.args[:1] == ("autopar.ring_attention",)),
                         # the norms' placements on tp (Megatron-SP runs them sequence-sharded, S(1))
                         "norms_tp": sorted({_first(n["placements"]).get("tp", "-") for n in pm.plan.nodes
                                             if n["op"] in ("aten.native_layer_norm.default", "aten.mean.dim")})}
     return report
+
+
+def _expert_orders(plan):
+    from autopar.codegen.runtime import expert_orders
+
+    return expert_orders(plan)
+
+
+def _model_order(plan):
+    """``full(fqn, t)``: the whole tensor of a DTensor parameter (or gradient) in the model's own
+    order (expert tensors are stored in the plan's expert placement order)."""
+    import torch
+
+    from autopar.codegen.runtime import expert_orders
+
+    orders = expert_orders(plan)
+
+    def full(fqn, t):
+        x = t.full_tensor()
+        if fqn in orders:
+            inverse = torch.empty(len(orders[fqn]), dtype=torch.long)
+            inverse[torch.tensor(orders[fqn])] = torch.arange(len(orders[fqn]))
+            x = x[inverse]
+        return x
+    return full
 
 
 def _first(placements) -> dict:
