@@ -29,7 +29,7 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
          time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None, op_profile="auto",
          pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
          context_parallel: str = "auto", sequence_parallel: bool | None = None, capacity_factor: float | None = None,
-         routing=None):
+         routing=None, expert_parallel: bool | None = None, traced=None):
     """Plan ``model`` on ``mesh`` without running anything; works on the ``meta`` device.
 
     ``pins`` fixes placements the solver must keep: ``{"blocks.*.fc1.weight": "S(0)"}`` (fnmatch
@@ -54,6 +54,9 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     ``capacity_factor`` caps the assignments each rank sends each expert (the rest are dropped,
     and the plan says so); ``routing`` (``autopar.profile_routing(...)`` or its saved file) makes
     the plan place experts on devices by their measured load and inter-layer traffic.
+    ``expert_parallel=False`` forbids the all-to-all (the pure DP x TP x PP plan), ``True`` demands it.
+    ``traced``: ``passes.trace.trace(model, example_inputs, example_kwargs)``, when planning one
+    model on several meshes (it is traced once).
     Returns an
     ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and ``InfeasibleError``
     if no layout fits the device memory.
@@ -65,18 +68,20 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
                                time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=say,
                                op_profile=op_profile, pins=pins, optimizer=optimizer, stages=pipeline,
                                context_parallel=context_parallel, sequence_parallel=sequence_parallel,
-                               capacity_factor=capacity_factor, routing=routing)
+                               capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
+                               traced=traced)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     from .passes.trace import trace
 
     t0 = time.perf_counter()
-    tg = trace(model, example_inputs, example_kwargs)
-    say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
+    tg = traced if traced is not None else trace(model, example_inputs, example_kwargs)
+    if traced is None:
+        say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     return plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                        progress=say, trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
                        context_parallel=context_parallel, sequence_parallel=sequence_parallel,
-                       capacity_factor=capacity_factor, routing=routing)
+                       capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel)
 
 
 def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, progress, **options):
@@ -118,7 +123,7 @@ def _op_profile(spec, hw):
 
 def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None,
                 op_profile="auto", pins=None, optimizer="adamw", context_parallel="auto", sequence_parallel=None,
-                capacity_factor=None, routing=None):
+                capacity_factor=None, routing=None, expert_parallel=None):
     from .passes.annotate import annotate
     from .passes.build_plan import build_plan
     from .solvers.intra_op import solve
@@ -145,7 +150,8 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     if prof is not None:
         progress(f"costing ops with the profile {prof.path} ({len(prof.ops)} measured op calls)")
     an = annotate(tg, mesh.axes, hw, mode, trainable=trainable, joint=joint, profile=prof, pins=pins,
-                  optimizer=optimizer, context_parallel=context_parallel, sequence_parallel=sequence_parallel)
+                  optimizer=optimizer, context_parallel=context_parallel, sequence_parallel=sequence_parallel,
+                  expert_parallel=expert_parallel)
     an.warnings.extend(warnings)
     n_strats = sum(len(s) for s in an.strategies)
     progress(f"annotated {len(an.nodes)} decision nodes, {n_strats} strategies, {len(an.edges)} edges "
@@ -180,7 +186,7 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
             plan=None, time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None,
             op_profile="auto", pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
             context_parallel: str = "auto", sequence_parallel: bool | None = None, capacity_factor: float | None = None,
-            routing=None):
+            routing=None, expert_parallel: bool | None = None):
     """Plan (or take ``plan``) and build the ParallelModule. Call on every rank.
 
     Every rank must reach the same plan; the plan hashes are compared across ranks and a
@@ -206,7 +212,8 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
                                   time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=progress,
                                   op_profile=op_profile, pins=pins, optimizer=optimizer, pipeline=pipeline,
                                   context_parallel=context_parallel, sequence_parallel=sequence_parallel,
-                                  capacity_factor=capacity_factor, routing=routing)
+                                  capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
+                               traced=traced)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     tg = trace(model, example_inputs, example_kwargs)
@@ -215,7 +222,7 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
                            progress=progress or (lambda m: None),
                            trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
                            context_parallel=context_parallel, sequence_parallel=sequence_parallel,
-                           capacity_factor=capacity_factor, routing=routing)
+                           capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel)
     else:
         check_graph_hash(plan, tg.graph_hash)
         if dict(plan.mesh) != dict(mesh.axes):

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,6 +268,27 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
         sections.append(Section(f"Attention on cp ({len(attn)} layers)", ["node", "scheme", "placements", "predicted cost of each scheme"],
                                 rows, notes=["ring: K/V blocks pass round the cp ring (causal: zig-zag balanced); ulysses: "
                                              "all-to-all to head-sharded and back; batch/replicated: cp not used by attention"]))
+
+    moe = [n for n in plan.nodes if n.get("moe")]
+    if moe:
+        rows = []
+        for n in moe:
+            e = n["moe"]
+            alts = (plan.explanations.get(n["name"]) or {}).get("alternatives") or []
+            best_other = next((a for a in alts if a["moe"] != e["layout"]), None)
+            dispatch = "dropless" if e.get("dispatch", "dropless") == "dropless" else f"capacity {e['capacity_factor']:g}"
+            rows.append([n["name"], f"{e['experts']}/top-{e['top_k']}", e["layout"], dispatch,
+                         "yes" if e.get("placement") else "contiguous", format_seconds(n.get("compute_s", 0.0)),
+                         f"{best_other['moe']} +{format_seconds(best_other['delta_s'])}" if best_other else "-"])
+        notes = ["all-to-all: tokens go to the experts' owners and back on that axis; own-experts: each rank runs its "
+                 "experts on every token, the outputs are summed; data: experts replicated, tokens split"]
+        if plan.solver.get("expert_placement"):
+            p = plan.solver["expert_placement"]
+            notes.append(f"placement from routing statistics on {p['devices']} devices: cross-device token pairs "
+                         f"{p['cross_device_tokens']} (contiguous {p['contiguous_cross_device_tokens']}), max device "
+                         f"load {p['max_device_load']} (contiguous {p['contiguous_max_device_load']})")
+        sections.append(Section(f"MoE layers ({len(moe)})", ["node", "experts", "layout", "dispatch", "placement",
+                                                             "time", "next best layout"], rows, notes=notes))
 
     rows = [
         [phase, op, axis, str(n), format_bytes(b), format_seconds(t)]
@@ -682,11 +704,13 @@ PP_SIZES = (1, 2, 4, 8, 16)  # pipeline depths the --devices search tries
 
 CP_SIZES = (1, 2, 4, 8)  # context-parallel degrees the --devices search tries for long sequences
 CP_MIN_SEQ = 16384  # from this sequence length on, the --devices search also tries cp
+EP_SIZES = (2, 4, 8, 16, 32, 64)  # for MoE models, the expert-parallel degrees the --devices search tries (dividing the experts)
 
 
-def candidate_meshes(devices: int, devices_per_node: int, pp_sizes=(1,), cp_sizes=(1,)) -> list[dict[str, int]]:
-    """Every ``{"pp": p, "dp": d, "cp": c, "tp": t}`` with ``p * d * c * t == devices``, ``p`` in
-    ``pp_sizes``, ``c`` in ``cp_sizes`` and ``c * t <= devices_per_node``, by p, then c, then t.
+def candidate_meshes(devices: int, devices_per_node: int, pp_sizes=(1,), cp_sizes=(1,), ep_sizes=(1,)) -> list[dict[str, int]]:
+    """Every ``{"pp": p, "dp": d, "ep": e, "cp": c, "tp": t}`` with ``p * d * e * c * t == devices``,
+    ``p`` in ``pp_sizes``, ``e`` in ``ep_sizes`` (an MoE model's expert-parallel degrees, carved
+    out of dp), ``c`` in ``cp_sizes`` and ``c * t <= devices_per_node``, by p, then c, then t, then e.
 
     Size-1 axes are left out (``{"tp": 8}`` rather than ``{"dp": 1, "tp": 8}``).
     """
@@ -699,9 +723,12 @@ def candidate_meshes(devices: int, devices_per_node: int, pp_sizes=(1,), cp_size
             for t in range(1, min(rest, devices_per_node // c) + 1):
                 if rest % t:
                     continue
-                d = rest // t
-                mesh = {k: v for k, v in (("pp", p), ("dp", d), ("cp", c), ("tp", t)) if v > 1} or {"dp": 1}
-                out.append(mesh)
+                for e in ep_sizes:
+                    if (rest // t) % e:
+                        continue
+                    d = rest // t // e
+                    mesh = {k: v for k, v in (("pp", p), ("dp", d), ("ep", e), ("cp", c), ("tp", t)) if v > 1} or {"dp": 1}
+                    out.append(mesh)
     return out
 
 
@@ -715,7 +742,11 @@ def cmd_plan(args) -> int:
     model, example_inputs = models.build(args.model, batch=args.batch, seq=args.seq, device="meta")
     options = {"mode": args.mode, "progress": _progress, "optimizer": args.optimizer,
                "context_parallel": args.context_parallel,
-               "sequence_parallel": {"auto": None, "on": True, "off": False}[args.sequence_parallel]}
+               "sequence_parallel": {"auto": None, "on": True, "off": False}[args.sequence_parallel],
+               "expert_parallel": {"auto": None, "on": True, "off": False}[args.expert_parallel],
+               "capacity_factor": args.capacity_factor}
+    if args.routing:
+        options["routing"] = args.routing
     if args.pin:
         bad = [x for x in args.pin if "=" not in x]
         if bad:
@@ -730,14 +761,23 @@ def cmd_plan(args) -> int:
     else:
         from .cost_models.hardware import load_hardware
 
+        from .passes.trace import trace
+
         per_node = load_hardware(args.hardware).devices_per_node
         tried = []
         seq = max((x.shape[1] for x in example_inputs if getattr(x, "dim", lambda: 0)() >= 2), default=0)
         cp_sizes = CP_SIZES if seq >= CP_MIN_SEQ else (1,)
-        for axes in candidate_meshes(args.devices, per_node, PP_SIZES, cp_sizes):
+        t0 = time.perf_counter()
+        traced = trace(model, example_inputs)  # once, for every mesh
+        _progress(f"traced {traced.model_name} in {time.perf_counter() - t0:.1f} s")
+        experts = {m.experts for m in traced.moe}
+        ep_sizes = (1,) + tuple(e for e in EP_SIZES if all(n % e == 0 for n in experts)) if experts else (1,)
+        if options.get("expert_parallel") is False:
+            ep_sizes = (1,)
+        for axes in candidate_meshes(args.devices, per_node, PP_SIZES, cp_sizes, ep_sizes):
             _progress(f"planning mesh {fmt_mesh(axes)}")
             try:
-                p = make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, **options)
+                p = make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, traced=traced, **options)
                 tried.append((axes, p, None))
             except InfeasibleError as e:
                 tried.append((axes, None, e.explanation))
@@ -955,6 +995,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention on a cp axis: the solver's choice per layer (auto), ring attention or Ulysses")
     p.add_argument("--sequence-parallel", choices=["auto", "on", "off"], default="auto",
                    help="Megatron sequence parallelism on tp: the solver's choice (auto), forced on, or off")
+    p.add_argument("--expert-parallel", choices=["auto", "on", "off"], default="auto",
+                   help="MoE layers: all-to-all expert parallelism the solver's choice (auto), on every layer, or never")
+    p.add_argument("--capacity-factor", type=float,
+                   help="MoE dispatch drops assignments past this factor of the even share (default: dropless)")
+    p.add_argument("--routing", metavar="FILE", help="routing statistics (RoutingStats.save) to place experts by")
     p.add_argument("--pin", action="append", metavar="PATTERN=PLACEMENT",
                    help="fix the placement of matching parameters/nodes, e.g. 'blocks.*.fc1.weight=S(0)' "
                         "(one placement per mesh axis, comma-separated); repeatable")

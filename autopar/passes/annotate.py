@@ -200,7 +200,8 @@ def _is_float(t) -> bool:
 def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
              trainable: set[str] | None = None, joint: dict | None = None, profile=None,
              collect: bool = False, pins: dict | None = None, optimizer: str = "adamw",
-             context_parallel: str = "auto", sequence_parallel: bool | None = None) -> Annotated:
+             context_parallel: str = "auto", sequence_parallel: bool | None = None,
+             expert_parallel: bool | None = None) -> Annotated:
     """Enumerate strategies for every decision node and cost every node and edge.
 
     ``pins`` ({pattern: placement}) fixes the placement of the parameters (by FQN) and graph
@@ -285,6 +286,8 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
                            "(the solver's choice)")
     if sequence_parallel is not None:
         _sequence_parallel(bool(sequence_parallel), axes, nodes, kind, strategies)
+    if expert_parallel is not None:
+        _expert_parallel(expert_parallel, axes, nodes, kind, strategies)
     node_cost, node_mem = [], []
     joint = joint or {}
     for v, node in enumerate(nodes):
@@ -404,6 +407,23 @@ def _sequence_parallel(on: bool, axes: dict, nodes, kind, strategies) -> None:
         else:
             keep = [s for s in strategies[v] if s.outs[0] is None or s.outs[0][tp] != shard(1)]
         strategies[v] = keep or strategies[v]
+
+
+def _expert_parallel(on, axes: dict, nodes, kind, strategies) -> None:
+    """``True``: every MoE layer exchanges tokens by all-to-all; ``False``: none does (experts
+    split over tp with an all-reduce of the output, as tensor parallelism does, or replicated)."""
+    from ..errors import AutoparError
+
+    if on not in (True, False):
+        raise AutoparError(f"expert_parallel={on!r}: expected True (all-to-all), False (none) or None (the solver's choice)")
+    for v, node in enumerate(nodes):
+        if kind[v] == "op" and op_name(node) == MOE_OP:
+            keep = [s for s in strategies[v] if bool(moe_a2a_axes(s)) == on]
+            if not keep:
+                raise AutoparError(f"expert_parallel=True, but {node.name} cannot exchange tokens on mesh {dict(axes)}: "
+                                   f"it needs an 'ep' (or 'tp') axis whose size divides its {node.target.experts} "
+                                   "experts and its tokens")
+            strategies[v] = keep
 
 
 def _sequence_sharded(node, cands: list, axes: dict) -> list:

@@ -94,7 +94,8 @@ class MoeLayer:
 
     def describe(self) -> dict:
         return {"name": self.name, "experts": self.experts, "top_k": self.top_k, "tokens": self.tokens,
-                "hidden": self.hidden, "expert_params": list(self.params), "flops_per_row": self.flops_per_row}
+                "hidden": self.hidden, "expert_params": list(self.params), "flops_per_row": self.flops_per_row,
+                "checked": getattr(self, "checked", "values")}
 
 
 @dataclass
@@ -143,14 +144,14 @@ def _ancestors(n: fx.Node) -> set:
 
 def fuse_moe(gm: fx.GraphModule, params: dict[str, str], warnings: list[str]) -> list[MoeLayer]:
     """Replace every MoE layer of ``gm`` that passes the checks by one ``autopar.moe`` node."""
-    layers = []
+    layers, verified = [], set()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     topks = [n for n in gm.graph.nodes if n.op == "call_function" and _name(n) == "aten.topk.default"]
     for K in topks:
         if K not in order or K.graph is not gm.graph:
             continue
         try:
-            layer = _fuse_one(gm, K, params, order, len(layers))
+            layer = _fuse_one(gm, K, params, order, len(layers), verified)
         except _NotMoe as why:
             if why.args[0]:
                 warnings.append(f"{K.name}: a top-k that looks like MoE routing was left as ordinary ops ({why.args[0]})")
@@ -167,7 +168,7 @@ class _NotMoe(Exception):
     pass
 
 
-def _fuse_one(gm, K, params, order, index) -> MoeLayer:
+def _fuse_one(gm, K, params, order, index, verified) -> MoeLayer:
     scores = _val(K.args[0])
     if scores is None or scores.dim() != 2 or len(K.args) < 2:
         raise _NotMoe("")
@@ -187,7 +188,7 @@ def _fuse_one(gm, K, params, order, index) -> MoeLayer:
     reasons = []
     for out in outs[:3]:
         try:
-            return _build(gm, K, idx, out, experts, T, E, k, index)
+            return _build(gm, K, idx, out, experts, T, E, k, index, verified)
         except _NotMoe as why:
             reasons.append(why.args[0])
     raise _NotMoe(reasons[0] if reasons else "no [tokens, hidden] output after the routing")
@@ -220,7 +221,28 @@ def _walk_to_base(n: fx.Node, T: int) -> fx.Node:
     return n
 
 
-def _build(gm, K, idx, out, experts, T, E, k, index) -> MoeLayer:
+def _signature(nodes, inputs) -> tuple:
+    """The layer's ops, wiring, constants and shapes, with node names left out."""
+    pos = {n: i for i, n in enumerate(inputs)}
+    pos.update({n: len(inputs) + i for i, n in enumerate(nodes)})
+
+    def enc(a):
+        if isinstance(a, fx.Node):
+            return ("%", pos.get(a, -1))
+        if isinstance(a, (list, tuple)):
+            return tuple(enc(b) for b in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, enc(v)) for k, v in a.items()))
+        return repr(a)
+
+    def shape(n):
+        v = _val(n)
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    return tuple((_name(n), enc(n.args), enc(n.kwargs), shape(n)) for n in nodes) + tuple(shape(n) for n in inputs)
+
+
+def _build(gm, K, idx, out, experts, T, E, k, index, verified) -> MoeLayer:
     anc = _ancestors(out)
     used_experts = [p for p in experts if p in anc]
     if not used_experts:
@@ -262,7 +284,11 @@ def _build(gm, K, idx, out, experts, T, E, k, index) -> MoeLayer:
     node_order = [n for n in gm.graph.nodes if n in region]
     layer = MoeLayer(f"moe_{index}", E, k, T, _val(x).shape[1], [p.name for p in used_experts], body, roles,
                      flops, [n.name for n in node_order])
-    _probe(node_order, layer, body, x, w, idx, out, used_experts, T, E, k)
+    sig = _signature(node_order, [x, w, idx, *used_experts])
+    if sig not in verified and T * k * layer.hidden <= 4 * _PROBE_LIMIT:
+        _probe(node_order, layer, body, x, w, idx, out, used_experts, T, E, k)  # once per distinct layer
+        verified.add(sig)
+    layer.checked = "values" if sig in verified else "structure"  # too big to probe: planning a huge batch
     with gm.graph.inserting_before(out):
         new = gm.graph.create_node("call_function", layer, (x, idx, w, *used_experts), name=layer.name)
     new.meta["val"] = out.meta["val"]
