@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
-
 import torch
 import torch.fx as fx
 
@@ -50,7 +48,8 @@ class MoeLayer:
 
     __name__ = MOE_OP
 
-    def __init__(self, name, experts, top_k, tokens, hidden, params, body, roles, flops_per_row, fused):
+    def __init__(self, name, experts, top_k, tokens, hidden, params, body, roles, flops_per_row, fused,
+                 saved_per_row=0.0):
         self.name = name  # "moe_0", ...
         self.experts = experts  # E
         self.top_k = top_k
@@ -61,6 +60,7 @@ class MoeLayer:
         self.roles = roles  # body placeholder -> "rows" | "weights" | "ids" | "offsets:<dtype>" | "param:<i>"
         self.flops_per_row = flops_per_row  # forward FLOPs of the body for one row
         self.fused = fused  # names of the traced nodes it replaced
+        self.saved_per_row = saved_per_row  # elements autograd keeps per row: the body's activations
 
     def __repr__(self) -> str:
         return MOE_OP
@@ -96,13 +96,6 @@ class MoeLayer:
         return {"name": self.name, "experts": self.experts, "top_k": self.top_k, "tokens": self.tokens,
                 "hidden": self.hidden, "expert_params": list(self.params), "flops_per_row": self.flops_per_row,
                 "checked": getattr(self, "checked", "values")}
-
-
-@dataclass
-class _Candidate:
-    topk: fx.Node
-    out: fx.Node
-    region: list = field(default_factory=list)
 
 
 def _name(n: fx.Node) -> str:
@@ -282,8 +275,11 @@ def _build(gm, K, idx, out, experts, T, E, k, index, verified) -> MoeLayer:
             raise _NotMoe(f"{n.name} is used outside the layer")
     body, roles, flops = _extract_body(gm, region, used_experts, T * k)
     node_order = [n for n in gm.graph.nodes if n in region]
+    acts = sum(_val(n).numel() for n in body.graph.nodes if n.op == "call_function" and isinstance(_val(n), torch.Tensor)
+               and _name(n) not in _SHAPE_OPS and n.target is not operator.getitem and _val(n).dim() >= 1
+               and _val(n).shape[0] == T * k and not _name(n).startswith("aten.index"))
     layer = MoeLayer(f"moe_{index}", E, k, T, _val(x).shape[1], [p.name for p in used_experts], body, roles,
-                     flops, [n.name for n in node_order])
+                     flops, [n.name for n in node_order], _val(x).shape[1] + acts / (T * k))
     sig = _signature(node_order, [x, w, idx, *used_experts])
     if sig not in verified and T * k * layer.hidden <= 4 * _PROBE_LIMIT:
         _probe(node_order, layer, body, x, w, idx, out, used_experts, T, E, k)  # once per distinct layer
@@ -491,18 +487,3 @@ def _check_body_slices(layer, experts, rows, wts, row_expert) -> None:
 
 
 _PROBE_LIMIT = 1 << 26  # elements: above this the layer is checked by structure only (planning huge models)
-
-
-def flops(layer: MoeLayer, rows: int) -> float:
-    return layer.flops_per_row * rows
-
-
-def describe_all(layers) -> list[dict]:
-    return [m.describe() for m in layers]
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-__all__ = ["MoeLayer", "MOE_OP", "fuse_moe", "flops", "describe_all", "ceil_div", "math"]

@@ -132,3 +132,44 @@ def test_capacity_drops_past_the_capacity_and_dropless_is_exact():
                 want[t] += moe_forward(layer, x[t:t + 1], idx[t:t + 1], (w * m)[t:t + 1], experts)[0]
     assert torch.allclose(dropped, want, atol=1e-5)
     assert not torch.allclose(dropped, full, atol=1e-3)
+
+
+def test_moe_options_reject_bad_values_clearly():
+    import autopar
+    from autopar.errors import AutoparError
+    from moe import build as build_user
+
+    model, inputs = build_user()
+    tg = trace(model, inputs)
+    mesh = autopar.Mesh({"ep": 2}, hardware="h100-sxm")
+    for bad, words in (({"capacity_factor": -1.0}, "capacity_factor"), ({"capacity_factor": True}, "capacity_factor"),
+                       ({"routing": 3}, "profile_routing"), ({"expert_parallel": "yes"}, "expert_parallel")):
+        with pytest.raises(AutoparError, match=words):
+            autopar.plan(model, mesh, inputs, traced=tg, **bad)
+    with pytest.raises(AutoparError, match="cannot exchange tokens"):
+        autopar.plan(model, autopar.Mesh({"dp": 2}, hardware="h100-sxm"), inputs, traced=tg, expert_parallel=True)
+    # routing statistics of another model (3 layers) do not fit this one (2 MoE layers)
+    from autopar.solvers.expert_placement import synthetic_routing
+
+    with pytest.raises(AutoparError, match="2 MoE layers"):
+        autopar.plan(model, mesh, inputs, traced=tg, routing=synthetic_routing(layers=3, experts=8, tokens=64))
+    plan = autopar.plan(model, mesh, inputs, traced=tg, expert_parallel=True, capacity_factor=1.5)
+    entries = [n["moe"] for n in plan.nodes if n.get("moe")]
+    assert [e["dispatch"] for e in entries] == ["capacity", "capacity"] and entries[0]["capacity_factor"] == 1.5
+    assert all(e["exchange_axis"] == "ep" for e in entries) and any("drops tokens" in w for w in plan.warnings)
+    assert autopar.Plan.from_json(plan.to_json()) == plan
+
+
+def test_profile_routing_counts_every_pick():
+    import autopar
+    from moe import build as build_user
+
+    model, inputs = build_user()
+    stats = autopar.profile_routing(model, inputs, shards=4)
+    tokens = inputs[0].numel()
+    assert stats.counts.shape == (2, 8) and stats.tokens == tokens
+    assert (stats.counts.sum(1) == 2 * tokens).all()  # top-2: two picks per token
+    assert (stats.transitions.sum((1, 2)) == 4 * tokens).all()  # k^2 pairs per token between layers
+    assert (stats.shard_counts.sum(1) == stats.counts).all() and (stats.shard_counts.sum(2) == 2 * tokens // 4).all()
+    with pytest.raises(autopar.AutoparError, match="no MoE layer"):
+        autopar.profile_routing(_TopKPool(), (torch.randn(4, 16),))
