@@ -212,8 +212,7 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
                                   time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=progress,
                                   op_profile=op_profile, pins=pins, optimizer=optimizer, pipeline=pipeline,
                                   context_parallel=context_parallel, sequence_parallel=sequence_parallel,
-                                  capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
-                               traced=traced)
+                                  capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     tg = trace(model, example_inputs, example_kwargs)

@@ -64,3 +64,38 @@ def test_expert_parallel_matches_single_device(world):
             # the experts really are sharded over ep: each rank holds its share only
             experts = {f: p for f, p in rep["placements"].items() if "experts" in f}
             assert experts and all(p["ep"] == "S(0)" for p in experts.values()), experts
+
+
+def _pipelined(rank, world):
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    import autopar
+    from models import hf_mixtral, logits, rel_err
+    from test_numerics import SHARDING_PRESET
+
+    torch.manual_seed(0)
+    model = hf_mixtral(layers=2)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
+
+    def loss_fn(out, t):
+        return F.cross_entropy(logits(out).flatten(0, 1), t.flatten())
+
+    pm = autopar.compile(model, autopar.Mesh({"pp": 2, "ep": 2}, hardware=SHARDING_PRESET), (ids,), pins=EP,
+                         pipeline={"schedule": "1f1b", "microbatches": 2})
+    loss = pm.train_step(ids, target=target, loss_fn=loss_fn)
+    ref_loss = loss_fn(ref(ids), target)
+    ref_loss.backward()
+    refs = dict(ref.named_parameters())
+    grad = max(rel_err(p.grad.full_tensor(), refs[n].grad) for n, p in pm.named_parameters() if p.grad is not None)
+    return float(loss), float(ref_loss), grad, sorted({n["moe"]["layout"] for n in pm.plan.nodes if n.get("moe")})
+
+
+@pytest.mark.skipif(not FULL, reason="AUTOPAR_FULL_MATRIX=1: experts on ep inside pipeline stages")
+def test_expert_parallel_inside_pipeline_stages():
+    for loss, ref_loss, grad, layouts in run_ranks(_pipelined, 4):
+        assert abs(loss - ref_loss) < 1e-5 and grad < 1e-4 and layouts == ["ep=all-to-all"]
