@@ -546,8 +546,8 @@ def _op_time(node, s: Strategy, ctx: CostContext, train: bool, grad_mask: tuple,
     ref = next((t for t in outs if t is not None), ins[0] if ins else None)
     itemsize = ref.element_size() if ref is not None else 4
     dtype = str(ref.dtype) if ref is not None else "torch.float32"
-    if name == MOE_OP:
-        return _moe_time(node, s, ctx, in_shapes, itemsize, dtype, train, mult) + ovh
+    if name == MOE_OP:  # its matmuls run in the experts' dtype (the output may be promoted by fp32 routing weights)
+        return _moe_time(node, s, ctx, in_shapes, ins[3].element_size(), str(ins[3].dtype), train, mult) + ovh
     ring = ring_axis(node, s, ctx.names)
     if ring is not None:  # ring attention: every rank meets every key block
         p = ctx.axis_sizes[ring]
@@ -579,7 +579,7 @@ def _moe_time(node, s: Strategy, ctx: CostContext, in_shapes, itemsize: int, dty
     q the product of the axes where experts are sharded and tokens replicated (each rank runs its
     experts' share). Its experts are E/s of them, s the product of all expert-sharded axes, so it
     reads their weights once. Tokens exchanged on an axis of n ranks cost two all-to-alls of R·H
-    bytes forward (dispatch and combine) and two backward::
+    bytes forward (dispatch and combine) and two backward, in the experts' dtype (b bytes)::
 
         T = mult·roofline(φ·R, weights/s + 4·R·H·b) + (2 + 2·train)·t_a2a(R·H·b, n)
 
