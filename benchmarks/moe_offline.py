@@ -3,8 +3,10 @@
 Traces the ``mixtral-8x22b`` preset once on the meta device (56 layers, 8 experts, top-2; batch
 256 x 4096 tokens), then plans it on 256 ``h100-sxm`` devices:
 
-* pure DP x TP x PP: meshes {pp, dp, tp}, with ``expert_parallel=False`` (no token all-to-all; the
-  experts split over tp with an all-reduce of each MoE output, as tensor parallelism does);
+* pure DP x TP x PP: meshes {pp, dp, tp}, with ``expert_parallel=False`` (no token all-to-all) and
+  the experts pinned split over tp, each tp rank running its experts on every token with an
+  all-reduce of each MoE output, as tensor parallelism does. (Unpinned, the pipeline's intra-op
+  solve, which has no memory limit, replicates the experts over tp and no stage split fits.);
 * expert parallel: meshes {pp, dp, ep, tp} with an ``ep`` axis, the layout of every layer the
   solver's choice.
 
@@ -51,8 +53,9 @@ def main():
             name = ",".join(f"{a}={n}" for a, n in {"pp": pp, **inner}.items())
             t0 = time.perf_counter()
             try:
+                pins = {"*experts*": {"tp": "S(0)"}} if ep is False else None
                 plan, stages, _ = plan_pipeline(model, autopar.Mesh(inner, hardware="h100-sxm"), inputs, pp, traced=tg,
-                                                expert_parallel=ep)
+                                                expert_parallel=ep, pins=pins)
                 layouts = sorted({n["moe"]["layout"] for n in plan.nodes if n.get("moe")})
                 rows.append((kind, name, stages.step_time, max(stages.rank_memory), layouts))
                 print(f"{kind:<18} {name:<22} step {stages.step_time:8.3f} s  memory {max(stages.rank_memory) / 1e9:6.1f} GB"

@@ -61,7 +61,7 @@ def exchange_counts(send: torch.Tensor, group) -> torch.Tensor:
     return recv
 
 
-def moe_forward(layer, x, idx, w, experts, route=None, group=None, capacity_factor: float | None = None, stats=None):
+def moe_forward(layer, x, idx, w, experts, route=None, group=None, capacity_factor: float | None = None):
     """The layer on local tokens. ``route`` = (dest [E], slot [E]) long tensors: the rank in
     ``group`` (or 0 without a group) that owns each expert, -1 where another rank handles it, and
     its index among the local experts; None means every expert is local, in order."""
@@ -84,8 +84,6 @@ def moe_forward(layer, x, idx, w, experts, route=None, group=None, capacity_fact
     rows = permute_rows(x, order // k)
     wts = w.reshape(-1)[order]
     slots = slot[order]
-    if stats is not None:
-        stats.append(e[order])
     if group is None:
         counts = torch.bincount(slots, minlength=E_loc)
         y = layer.run_body(rows, wts, slots, counts, experts)
