@@ -594,7 +594,7 @@ def cmd_explain(args) -> int:
             rows = []
             for a in alts:
                 cost = a.get("cost_s")
-                row = [_fmt_choice(a.get("placements", a.get("attention"))), format_seconds(cost) if isinstance(cost, (int, float)) else "-"]
+                row = [_fmt_choice(a.get("placements", a.get("attention", a.get("moe")))), format_seconds(cost) if isinstance(cost, (int, float)) else "-"]
                 if with_delta:
                     d = a.get("delta_s")
                     row.append(("+" if d > 0 else "") + format_seconds(d) if isinstance(d, (int, float)) else "-")

@@ -3,10 +3,11 @@
 Traces the ``mixtral-8x22b`` preset once on the meta device (56 layers, 8 experts, top-2; batch
 256 x 4096 tokens), then plans it on 256 ``h100-sxm`` devices:
 
-* pure DP x TP x PP: meshes {pp, dp, tp}, with ``expert_parallel=False`` (no token all-to-all) and
-  the experts pinned split over tp, each tp rank running its experts on every token with an
-  all-reduce of each MoE output, as tensor parallelism does. (Unpinned, the pipeline's intra-op
-  solve, which has no memory limit, replicates the experts over tp and no stage split fits.);
+* pure DP x TP x PP: meshes {pp, dp, tp}, as Megatron lays out a model without expert
+  parallelism: ``expert_parallel=False`` (no token all-to-all), the experts pinned split over tp
+  (each tp rank runs its experts on every token, the MoE outputs are summed over tp) and sequence
+  parallelism on. (Left to itself, the pipeline's intra-op solve, which has no memory limit,
+  replicates experts or activations over tp and no stage split fits in 80 GB.);
 * expert parallel: meshes {pp, dp, ep, tp} with an ``ep`` axis, the layout of every layer the
   solver's choice.
 
@@ -53,9 +54,9 @@ def main():
             name = ",".join(f"{a}={n}" for a, n in {"pp": pp, **inner}.items())
             t0 = time.perf_counter()
             try:
-                pins = {"*experts*": {"tp": "S(0)"}} if ep is False else None
+                pure = {"pins": {"*experts*": {"tp": "S(0)"}}, "sequence_parallel": True} if ep is False else {}
                 plan, stages, _ = plan_pipeline(model, autopar.Mesh(inner, hardware="h100-sxm"), inputs, pp, traced=tg,
-                                                expert_parallel=ep, pins=pins)
+                                                expert_parallel=ep, **pure)
                 layouts = sorted({n["moe"]["layout"] for n in plan.nodes if n.get("moe")})
                 rows.append((kind, name, stages.step_time, max(stages.rank_memory), layouts))
                 print(f"{kind:<18} {name:<22} step {stages.step_time:8.3f} s  memory {max(stages.rank_memory) / 1e9:6.1f} GB"

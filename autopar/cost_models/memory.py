@@ -72,9 +72,8 @@ def saved_by(node, grads: list[bool]) -> Saved:
     q, k, v, its output and a logsumexp); an op that cannot run so is taken to save its inputs."""
     leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
     tens = [i for i, a in enumerate(leaves) if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
-    saved_per_row = getattr(node.target, "saved_per_row", None)
-    if saved_per_row is not None:  # an MoE layer (passes/moe.py): its inputs, and its body's activations per row
-        return Saved(tuple(range(len(tens))), (), node.target.top_k * saved_per_row / node.target.hidden)
+    if getattr(node.target, "saved_per_row", None) is not None:  # an MoE layer: its inputs (its body's rows:
+        return Saved(tuple(range(len(tens))), ())                 # passes/annotate.py, _saved_charges)
     vals = [leaves[i].meta["val"] for i in tens]
     key = (node.target, tuple((tuple(v.shape), v.dtype, g) for v, g in zip(vals, grads)),
            repr([None if isinstance(a, fx.Node) else a for a in leaves]))

@@ -588,8 +588,7 @@ def _moe_time(node, s: Strategy, ctx: CostContext, in_shapes, itemsize: int, dty
     """
     layer = node.target
     tokens, k, hidden = in_shapes[0][0], layer.top_k, layer.hidden
-    q = math.prod(n for n, x, e in zip(ctx.axis_sizes, s.ins[0], s.ins[3]) if x.kind == "R" and e.kind == "S")
-    rows = tokens * k / q
+    rows = tokens * k / moe_row_share(s, ctx.axis_sizes)
     weights = sum(math.prod(sh) for sh in in_shapes[3:]) * itemsize
     t = mult * compute_time(layer.flops_per_row * rows, weights + 4 * rows * hidden * itemsize, dtype, ctx.hw)
     for a in moe_a2a_axes(s):
@@ -640,14 +639,21 @@ def _node_memory(node, kind, s: Strategy, ctx: CostContext, train: bool, needs_g
         if kind == "param" and train and needs_grad:
             return 2.0 * n * val.element_size() + state_bytes(n, optimizer)  # weight, gradient, state
         return float(n * val.element_size())
-    return float(sum(scale * itemsize * math.prod(local_shape(shape, (s.ins if w == "in" else s.outs)[k], ctx.axis_sizes))
+    return float(sum(scale * itemsize * math.prod(local_shape(shape, (s.ins if w in ("in", "moe") else s.outs)[k], ctx.axis_sizes))
+                     / (moe_row_share(s, ctx.axis_sizes) if w == "moe" else 1)
                      for w, k, shape, itemsize, scale, _ in saves))
+
+
+def moe_row_share(s: Strategy, axis_sizes) -> int:
+    """q: an ``autopar.moe`` strategy runs 1/q of its local tokens' rows (axes where tokens are
+    replicated and experts sharded: each rank runs its own experts' share)."""
+    return math.prod(n for n, x, e in zip(axis_sizes, s.ins[0], s.ins[3]) if x.kind == "R" and e.kind == "S")
 
 
 def _saved_charges(nodes, kind, edges, grads, train) -> list[list[tuple]]:
     """Per node, what autograd saves of it: ``(what, k, shape, itemsize, scale, edge)`` with what
-    "in" (tensor input k, through ``edge``), "out" (output k) or "extra" (an internal tensor, as a
-    multiple of output k=0). ``scale`` is ρ/n(r) (module docstring), 0 for a read of model state."""
+    "in" (tensor input k, through ``edge``), "out" (output k), "extra" (an internal tensor, as a
+    multiple of output k=0) or "moe" (an MoE body's rows, as a multiple of input 0 over the row share). ``scale`` is ρ/n(r) (module docstring), 0 for a read of model state."""
     into = {(e.dst, e.dst_in): i for i, e in enumerate(edges)}
 
     def root(u, o):  # the tensor whose storage (u, o) views
@@ -676,6 +682,10 @@ def _saved_charges(nodes, kind, edges, grads, train) -> list[list[tuple]]:
             charges[v].append(["out", k, tuple(outs[k].shape), outs[k].element_size(), 1.0, None, (v, k)])
         if saved.extra and outs[0] is not None:
             charges[v].append(["extra", 0, tuple(outs[0].shape), outs[0].element_size(), saved.extra, None, None])
+        if op_name(node) == MOE_OP:  # the expert body's activations: saved_per_row per (token, pick) row it runs
+            layer, x, w = node.target, tensor_inputs(node)[0].meta["val"], tensor_inputs(node)[3].meta["val"]
+            charges[v].append(["moe", 0, tuple(x.shape), w.element_size(), layer.top_k * layer.saved_per_row / layer.hidden,
+                               None, None])
         for c in charges[v]:
             readers[c[6]] = readers.get(c[6], 0) + 1
     return [[(w, k, sh, it, sc / (readers[r] if r is not None else 1), e) for w, k, sh, it, sc, e, r in cs]

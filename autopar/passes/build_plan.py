@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from ..placements import local_shape
-from .annotate import Annotated, attention_scheme, gathers, grad_placements
+from .annotate import Annotated, attention_scheme, gathers, grad_placements, moe_row_share
 from .moe import MOE_OP
 from .strategies import VIEW_OPS, moe_a2a_axes, op_name, outputs_meta, redistribute_steps
 
@@ -270,6 +270,8 @@ def _memory(an: Annotated, chosen, choice) -> tuple[dict, list[float]]:
         for what, k, shape, itemsize, scale, e in an.saves[v] if an.saves else ():
             if what == "in":
                 key, x = storage(an.edges[e], s.ins[k])
+            elif what == "moe":  # the expert body's rows (annotate._saved_charges)
+                key, x = (v, what), scale * nbytes(shape, itemsize, s.ins[k]) / moe_row_share(s, an.ctx.axis_sizes)
             else:  # "out" is the storage v's readers share; "extra" is v's own
                 key = (v, k, s.outs[k]) if what == "out" else (v, what)
                 x = (scale if what == "extra" else 1.0) * nbytes(shape, itemsize, s.outs[k])
