@@ -53,20 +53,8 @@ def profile_routing(model: torch.nn.Module, example_inputs, *, example_kwargs: d
     if not isinstance(shards, int) or shards < 1:
         raise AutoparError(f"shards must be a positive int, got {shards!r}")
     params, buffers = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_buffers())
-    flat = list(torch.utils._pytree.tree_leaves((tuple(example_inputs), example_kwargs or {})))
-    user = iter(flat)
-    args = []
-    for n in tg.gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        if n.name in tg.params:
-            args.append(params[tg.params[n.name]])
-        elif n.name in tg.buffers:
-            args.append(buffers[tg.buffers[n.name]])
-        elif n.name in tg.constants:
-            args.append(tg.constants[n.name])
-        else:
-            args.append(next(user))
+    flat = torch.utils._pytree.tree_leaves((tuple(example_inputs), example_kwargs or {}))
+    args = tg.feed(params, buffers, iter(flat))
     rec = _Recorder(tg.gm)
     with torch.no_grad():
         rec.run(*args)

@@ -384,18 +384,7 @@ class ParallelModule(CompiledModule):
         user = iter(user_inputs(tg, args, kwargs))
         params = dict(self.named_parameters(remove_duplicate=False))
         buffers = dict(self.named_buffers(remove_duplicate=False))
-        feed = []
-        for n in tg.gm.graph.nodes:
-            if n.op != "placeholder":
-                continue
-            if n.name in tg.params:
-                feed.append(params[tg.params[n.name]])
-            elif n.name in tg.buffers:
-                feed.append(buffers[tg.buffers[n.name]])
-            elif n.name in tg.constants:
-                feed.append(tg.constants[n.name])
-            else:
-                feed.append(next(user))
+        feed = tg.feed(params, buffers, user)
         out = list(Executor(st["lowered"], st["mesh"], st["fixups"]).run(*feed))
         n_mut = len(tg.mutated_buffers)
         with torch.no_grad():  # BatchNorm running statistics and other buffer updates

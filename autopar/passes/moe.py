@@ -115,24 +115,22 @@ def _is_assert(n: fx.Node) -> bool:
     return _name(n) == "aten._assert_tensor_metadata.default"
 
 
-def _descendants(roots) -> set:
+def _closure(roots, step) -> set:
     seen, stack = set(), list(roots)
     while stack:
-        for u in stack.pop().users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
-
-
-def _ancestors(n: fx.Node) -> set:
-    seen, stack = {n}, [n]
-    while stack:
-        for a in stack.pop().all_input_nodes:
+        for a in step(stack.pop()):
             if a not in seen:
                 seen.add(a)
                 stack.append(a)
     return seen
+
+
+def _descendants(roots) -> set:
+    return _closure(roots, lambda n: n.users)
+
+
+def _ancestors(n: fx.Node) -> set:
+    return {n} | _closure([n], lambda m: m.all_input_nodes)
 
 
 def fuse_moe(gm: fx.GraphModule, params: dict[str, str], warnings: list[str]) -> list[MoeLayer]:

@@ -50,6 +50,23 @@ class TracedGraph:
     joint: dict | None = None  # per-op backward costs from the joint graph (passes/joint.py), once computed
     moe: list = field(default_factory=list)  # the fused mixture-of-experts layers (passes/moe.py)
 
+    def feed(self, params: dict, buffers: dict, user) -> list:
+        """The graph's placeholder values: parameters and buffers by FQN, lifted constants, and
+        the user's flattened inputs (an iterator) in order."""
+        out = []
+        for n in self.gm.graph.nodes:
+            if n.op != "placeholder":
+                continue
+            if n.name in self.params:
+                out.append(params[self.params[n.name]])
+            elif n.name in self.buffers:
+                out.append(buffers[self.buffers[n.name]])
+            elif n.name in self.constants:
+                out.append(self.constants[n.name])
+            else:
+                out.append(next(user))
+        return out
+
 
 _HINTS = [
     (r"data.dependent|GuardOnDataDependent|could not guard on data-dependent",

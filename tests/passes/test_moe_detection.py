@@ -18,13 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples
 
 
 def _run_graph(tg, model, inputs):
-    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    flat = []
-    it = iter(inputs)
-    for n in tg.gm.graph.nodes:
-        if n.op == "placeholder":
-            flat.append(params[tg.params[n.name]] if n.name in tg.params else
-                        buffers[tg.buffers[n.name]] if n.name in tg.buffers else next(it))
+    flat = tg.feed(dict(model.named_parameters()), dict(model.named_buffers()), iter(inputs))
     return torch.fx.Interpreter(tg.gm).run(*flat)[0]
 
 
