@@ -15,17 +15,10 @@ runs when Triton cannot (no triton, or a CPU tensor without ``TRITON_INTERPRET=1
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional: the torch path computes the same thing
-    triton = None
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .triton_support import interpreted, kernel_runs, tl, triton
 
 if triton is not None:
 
@@ -92,9 +85,7 @@ def backend(q: torch.Tensor) -> str:
     The kernel runs when triton imports and either ``q`` is on CUDA or ``TRITON_INTERPRET=1``
     (the interpreter then runs it on CPU tensors), for fp16, bf16 and fp32 inputs.
     """
-    if triton is None or q.dtype not in _KERNEL_DTYPES:
-        return "torch"
-    return "triton" if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    return "triton" if kernel_runs(q) else "torch"
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -135,7 +126,7 @@ def _attention_block_triton(q, k, v, scale: float, causal: bool, q_pos0: int, k_
     block_m = min(64, max(16, triton.next_power_of_2(Lq)))
     block_n = min(64 if block_d <= 64 else 32, max(16, triton.next_power_of_2(Lk)))
     grid = (triton.cdiv(Lq, block_m), B * H)
-    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    upcast = q.dtype == torch.bfloat16 and interpreted()
     _attention_block_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, Lq, Lk, D, scale * math.log2(math.e), q_pos0, k_pos0,

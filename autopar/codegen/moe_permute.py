@@ -24,17 +24,10 @@ Indices are not range-checked on the kernel path (that would cost a device sync)
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional: the torch path computes the same thing
-    triton = None
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .triton_support import kernel_runs, tl, triton
 
 if triton is not None:
 
@@ -81,9 +74,7 @@ if triton is not None:
 def uses_triton(t: torch.Tensor) -> bool:
     """True when the ops run the Triton kernels for ``t``: triton imports, ``t`` is fp16, bf16 or
     fp32, and ``t`` is on CUDA or ``TRITON_INTERPRET=1`` (the interpreter runs CPU tensors)."""
-    if triton is None or t.dtype not in _KERNEL_DTYPES:
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return kernel_runs(t)
 
 
 def _block_h(h: int) -> int:
