@@ -63,8 +63,8 @@ from ..cost_models.profile import op_call, op_class
 from ..placements import REPLICATE, Placement, local_shape, shard
 from ..solvers.intra_op import ShardingProblem
 from .moe import MOE_OP
-from .strategies import (OWN_RULES, SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, moe_a2a_axes, op_name,
-                         outputs_meta, redistribute_steps, tensor_candidates, tensor_inputs)
+from .strategies import (OWN_RULES, SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, moe_a2a_axes, moe_roles,
+                         op_name, outputs_meta, redistribute_steps, tensor_candidates, tensor_inputs)
 from .joint import source_of
 from .trace import TracedGraph
 
@@ -647,7 +647,7 @@ def _node_memory(node, kind, s: Strategy, ctx: CostContext, train: bool, needs_g
 def moe_row_share(s: Strategy, axis_sizes) -> int:
     """q: an ``autopar.moe`` strategy runs 1/q of its local tokens' rows (axes where tokens are
     replicated and experts sharded: each rank runs its own experts' share)."""
-    return math.prod(n for n, x, e in zip(axis_sizes, s.ins[0], s.ins[3]) if x.kind == "R" and e.kind == "S")
+    return math.prod(n for n, r in zip(axis_sizes, moe_roles(s)) if r == "own-experts")
 
 
 def _saved_charges(nodes, kind, edges, grads, train) -> list[list[tuple]]:

@@ -10,17 +10,12 @@ import numpy as np
 from ..placements import local_shape
 from .annotate import Annotated, attention_scheme, gathers, grad_placements, moe_row_share
 from .moe import MOE_OP
-from .strategies import VIEW_OPS, moe_a2a_axes, op_name, outputs_meta, redistribute_steps
+from .strategies import VIEW_OPS, moe_a2a_axes, moe_roles, op_name, outputs_meta, redistribute_steps
 
 
 def moe_layout(s, axes) -> str:
     """``ep=all-to-all tp=own-experts dp=data`` for an ``autopar.moe`` strategy (strategies._moe_rules)."""
-    parts = []
-    for a, x, e in zip(axes, s.ins[0], s.ins[3]):
-        kind = ("all-to-all" if x.kind == "S" else "own-experts") if e.kind == "S" else "data" if x.kind == "S" else None
-        if kind:
-            parts.append(f"{a}={kind}")
-    return " ".join(parts) or "replicated"
+    return " ".join(f"{a}={r}" for a, r in zip(axes, moe_roles(s)) if r) or "replicated"
 
 
 def moe_entry(layer, s, axes, params: dict) -> dict:

@@ -403,7 +403,7 @@ def _moe_rules(node: fx.Node, ins_meta, axis_names: tuple) -> list[list[tuple]]:
     * tokens R, experts S(0): each rank runs its own experts on every token, out P(sum);
     * all R.
 
-    At most one axis exchanges tokens (``moe_a2a_axis``).
+    At most one axis exchanges tokens (``moe_a2a_axes``).
     """
     n_exp = len(ins_meta) - 3
     tok = (shard(0),) * 4
@@ -416,9 +416,17 @@ def _moe_rules(node: fx.Node, ins_meta, axis_names: tuple) -> list[list[tuple]]:
     return rules
 
 
+def moe_roles(s: Strategy) -> list[str | None]:
+    """Per mesh axis, what an ``autopar.moe`` strategy does there (the rules above): "all-to-all"
+    (tokens and experts sharded), "own-experts" (tokens replicated, experts sharded), "data"
+    (tokens sharded, experts replicated) or None (both replicated)."""
+    kinds = {("S", "S"): "all-to-all", ("R", "S"): "own-experts", ("S", "R"): "data"}
+    return [kinds.get((x.kind, e.kind)) for x, e in zip(s.ins[0], s.ins[3])]
+
+
 def moe_a2a_axes(s: Strategy) -> list[int]:
-    """Mesh axes on which an ``autopar.moe`` strategy exchanges tokens (tokens and experts S(0))."""
-    return [a for a, (x, e) in enumerate(zip(s.ins[0], s.ins[3])) if x.kind == "S" and e.kind == "S"]
+    """Mesh axes on which an ``autopar.moe`` strategy exchanges tokens."""
+    return [a for a, r in enumerate(moe_roles(s)) if r == "all-to-all"]
 
 
 OWN_RULES = {"aten.scaled_dot_product_attention.default": _sdpa_rules, "autopar.moe": _moe_rules}
