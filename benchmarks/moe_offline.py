@@ -14,8 +14,8 @@ Traces the ``mixtral-8x22b`` preset once on the meta device (56 layers, 8 expert
 Every plan is priced by the same cost model, pipeline schedule search included. Prints each
 mesh's predicted step time and memory, the best of each kind and their ratio.
 
-    python benchmarks/moe_offline.py                    # bf16, about 6 minutes on 2 cores
-    python benchmarks/moe_offline.py --dtype float32    # fp32: compute-bound, the layouts differ less
+    python benchmarks/moe_offline.py                    # bf16, about 7 minutes on 2 cores
+    python benchmarks/moe_offline.py --dtype float32    # the same in fp32
 """
 
 from __future__ import annotations

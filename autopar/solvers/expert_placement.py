@@ -152,7 +152,14 @@ class RoutingStats:
 
     @classmethod
     def load(cls, path) -> "RoutingStats":
-        return cls.from_json(json.loads(Path(path).read_text()))
+        try:
+            doc = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise AutoparError(f"cannot read routing statistics {str(path)!r}: {e.strerror or e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AutoparError(f"routing statistics {str(path)!r} are not JSON ({e}); save them with "
+                               "RoutingStats.save") from None
+        return cls.from_json(doc)
 
 
 def synthetic_routing(layers: int = 8, experts: int = 64, tokens: int = 16384, top_k: int = 2, skew: float = 0.6,

@@ -145,6 +145,8 @@ def test_moe_options_reject_bad_values_clearly():
     # routing statistics of another model (3 layers) do not fit this one (2 MoE layers)
     from autopar.solvers.expert_placement import synthetic_routing
 
+    with pytest.raises(AutoparError, match="cannot read routing statistics"):
+        autopar.plan(model, mesh, inputs, traced=tg, routing="/nonexistent/routing.json")
     with pytest.raises(AutoparError, match="2 MoE layers"):
         autopar.plan(model, mesh, inputs, traced=tg, routing=synthetic_routing(layers=3, experts=8, tokens=64))
     plan = autopar.plan(model, mesh, inputs, traced=tg, expert_parallel=True, capacity_factor=1.5)
