@@ -12,6 +12,9 @@ keyed by mesh axis name), never Python objects, so:
   plan.
 
 Schema version 2 added ``optimizer``; a version 1 plan loads with the default, ``"adamw"``.
+Schema version 3 added ``fusion`` (the generated kernels, codegen/fusion.py) and ``compression``
+(each gradient's and pipeline send's compression, solvers/compression.py); older plans load
+without them (no fusion recorded, nothing compressed).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from .cost_models.memory import OPTIMIZERS
 from .errors import PlanError
 from .mesh import AXIS_ORDER
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 MODES = ("train", "infer")
 
@@ -58,6 +61,9 @@ class Plan:
     explanations: dict[str, dict] = field(default_factory=dict)  # target -> chosen, alternatives, reason
     optimizer: str = "adamw"  # whose state the memory counts (cost_models/memory.py)
     pipeline: dict | None = None  # with a "pp" axis: stages, schedule, microbatches (solvers/inter_op.py)
+    fusion: dict | None = None  # backend and the fused kernels of the per-rank program (codegen/fusion.py)
+    # {"grads": {FQN: {"method", ...}}, "pipeline": method or None, ...} (solvers/compression.py)
+    compression: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -346,7 +352,7 @@ def validate(data: Any) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise PlanError(f"plan has unknown field(s) {unknown}; known fields are {sorted(known)}", _key("$", unknown[0]))
-    optional = {"warnings", "explanations", "schema_version", "optimizer", "pipeline"}
+    optional = {"warnings", "explanations", "schema_version", "optimizer", "pipeline", "fusion", "compression"}
     for name in sorted(known - optional):
         _require(data, name, "$")
 
@@ -400,6 +406,15 @@ def validate(data: Any) -> None:
                 "one of gpipe, 1f1b, interleaved-1f1b, zb-h1", pipe.get("schedule"))
         _expect(isinstance(pipe.get("microbatches", 1), int) and pipe.get("microbatches", 1) >= 1,
                 "$.pipeline.microbatches", "a positive integer", pipe.get("microbatches"))
+    for key in ("fusion", "compression"):
+        _expect(data.get(key) is None or isinstance(data[key], dict), f"$.{key}", "an object or null", data.get(key))
+    comp = data.get("compression") or {}
+    grads = comp.get("grads", {})
+    _expect(isinstance(grads, dict), "$.compression.grads", "an object of FQN to choice", grads)
+    for fqn, choice in grads.items():
+        where = _key("$.compression.grads", fqn, bracket=True)
+        _expect(isinstance(choice, dict) and _is_str(choice.get("method")), where, 'an object with a "method" string',
+                choice)
     solver = data["solver"]
     _expect(isinstance(solver, dict), "$.solver", "an object", solver)
     for key in ("name", "status"):

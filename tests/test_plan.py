@@ -79,7 +79,7 @@ def test_json_is_canonical():
     text = make_plan().to_json()
     data = json.loads(text)
     assert text == json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False)
-    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["schema_version"] == SCHEMA_VERSION == 3
 
 
 def test_tuples_and_numpy_scalars_become_json_data():
@@ -117,13 +117,13 @@ def test_not_an_object():
     assert refusal("[1, 2]").path == "$"
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", None])
+@pytest.mark.parametrize("version", [4, 0, "1", None])
 def test_wrong_schema_version(version):
     data = json.loads(make_plan().to_json())
     data["schema_version"] = version
     err = refusal(data)
     assert err.path == "$.schema_version"
-    assert f"plan schema version {version}; this autopar reads versions 1 to 2" in str(err)
+    assert f"plan schema version {version}; this autopar reads versions 1 to 3" in str(err)
 
 
 def test_missing_schema_version():
@@ -131,7 +131,7 @@ def test_missing_schema_version():
     del data["schema_version"]
     err = refusal(data)
     assert err.path == "$.schema_version"
-    assert "this autopar reads versions 1 to 2" in str(err)
+    assert "this autopar reads versions 1 to 3" in str(err)
 
 
 def test_version_1_plans_load_with_the_default_optimizer():
