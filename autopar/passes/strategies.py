@@ -313,15 +313,34 @@ class StrategyEnumerator:
                 return TupleStrategy(tuple(wrap(x) for x in a))  # a tensor list (cat, stack, ...)
             return pytree.tree_map_only(fx.Node, wrap, a)
 
-        args = tuple(wrap_arg(a) for a in node.args)
-        kwargs = {k: wrap_arg(v) for k, v in node.kwargs.items()}
-        schema_info = _dt().op_to_schema_info.get(node.target)
-        result = _dt().op_strategy_funcs[node.target](OpSchema(node.target, tuple(args), kwargs, schema_info=schema_info))
-        if not isinstance(result, OpStrategy):
-            raise TypeError(f"unsupported strategy type {type(result).__name__}")
+        def rule():
+            args = tuple(wrap_arg(a) for a in node.args)
+            kwargs = {k: wrap_arg(v) for k, v in node.kwargs.items()}
+            schema_info = _dt().op_to_schema_info.get(node.target)
+            result = _dt().op_strategy_funcs[node.target](OpSchema(node.target, tuple(args), kwargs, schema_info=schema_info))
+            if not isinstance(result, OpStrategy):
+                raise TypeError(f"unsupported strategy type {type(result).__name__}")
+            return result.strategies
+
+        try:
+            specs = rule()
+        except Exception:
+            # A rule that rejects one input placement (a view that would unflatten a dim sharded
+            # unevenly) rejects the whole candidate list: ask again one placement at a time.
+            if len(ins) != 1 or len(cands[ins[0]]) < 2:
+                raise
+            specs, every = [], cands[ins[0]]
+            for pl in every:
+                cands[ins[0]] = [pl]
+                try:
+                    specs.extend(rule())
+                except Exception:
+                    continue
+            if not specs:
+                raise
         found = []
         n_in = len(ins)
-        for spec in result.strategies:
+        for spec in specs:
             outs = spec.output_specs if isinstance(spec.output_specs, tuple) else (spec.output_specs,)
             out_pls = tuple(None if o is None else self._convert_pl(o.placements) for o in outs)
             if any(o is not None and pl is None for o, pl in zip(outs, out_pls)):

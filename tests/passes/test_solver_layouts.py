@@ -74,3 +74,20 @@ def test_tp_stays_inside_a_node_whatever_order_the_axes_are_given_in():
         tp_colls = [c for c in plan.collectives if c["axis"] == "tp"]
         assert tp_colls, "the plan should use tensor parallelism inside the node"
         assert any("laid out outer to inner as dp, tp" in w for w in plan.warnings) == (list(axes) == ["tp", "dp"])
+
+
+def test_a_view_rule_rejecting_one_placement_keeps_the_others():
+    """examples/gpt.py's head split is rejected by DTensor's view rule for one input placement
+    only; the batch-sharded one stays, so data parallelism shards every activation."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import gpt
+
+    with torch.device("meta"):
+        model, ids = gpt.GPT(vocab=512, d=256, heads=4), torch.zeros(1024, 128, dtype=torch.long)
+    plan = autopar.plan(model, autopar.Mesh({"dp": 8}, hardware="h100-sxm"), (ids,))
+    assert not [w for w in plan.warnings if "sharding rule failed" in w], plan.warnings
+    views = [n for n in plan.nodes if n["op"] == "aten.view.default" and len(n["shape"]) == 4]
+    assert views and all(n["placements"] == {"dp": "S(0)"} for n in views)
