@@ -11,8 +11,10 @@ from .api import compile, plan  # noqa: E402,A004  the function autopar.plan rep
 from .codegen.runtime import ParallelModule  # noqa: E402
 from .batching import BatchPlan, plan_batch  # noqa: E402
 from .routing import RoutingStats, profile_routing  # noqa: E402
+from .compression import CompressionStats, calibrate_compression  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["AutoparError", "InfeasibleError", "MeshError", "PlanError", "TraceError", "Mesh", "Plan", "ParallelModule",
-           "plan", "compile", "BatchPlan", "plan_batch", "RoutingStats", "profile_routing"]
+           "plan", "compile", "BatchPlan", "plan_batch", "RoutingStats", "profile_routing",
+           "CompressionStats", "calibrate_compression"]

@@ -29,7 +29,7 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
          time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None, op_profile="auto",
          pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
          context_parallel: str = "auto", sequence_parallel: bool | None = None, capacity_factor: float | None = None,
-         routing=None, expert_parallel: bool | None = None, traced=None):
+         routing=None, expert_parallel: bool | None = None, traced=None, compression=None):
     """Plan ``model`` on ``mesh`` without running anything; works on the ``meta`` device.
 
     ``pins`` fixes placements the solver must keep: ``{"blocks.*.fc1.weight": "S(0)"}`` (fnmatch
@@ -57,6 +57,14 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     ``expert_parallel=False`` forbids the all-to-all (the pure DP x TP x PP plan), ``True`` demands it.
     ``traced``: ``passes.trace.trace(model, example_inputs, example_kwargs)``, when planning one
     model on several meshes (it is traced once).
+    ``compression`` compresses data-parallel gradient all-reduces (autopar/compression.py):
+    ``"auto"`` lets the solver choose each gradient's method (none, int8, top-k, PowerSGD) to
+    minimise the communication the backward pass cannot hide, within a relative L2 error budget
+    of the whole gradient (default 0.1); a method (``"int8"``, ``"topk:0.01"``, ``"powersgd:4"``)
+    applies it everywhere; a dict sets ``grads`` ("auto" or a method), ``error_budget``,
+    ``calibration`` (``autopar.calibrate_compression(...)`` or its file; without it a runnable
+    model is calibrated on ``example_inputs`` and a meta one on Gaussian gradients), ``methods``
+    (the menu) and ``pipeline`` ("int8": stage-to-stage sends quantized in both directions).
     Returns an
     ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and ``InfeasibleError``
     if no layout fits the device memory.
@@ -69,7 +77,7 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
                                op_profile=op_profile, pins=pins, optimizer=optimizer, stages=pipeline,
                                context_parallel=context_parallel, sequence_parallel=sequence_parallel,
                                capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
-                               traced=traced)
+                               traced=traced, compression=compression)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     from .passes.trace import trace
@@ -78,13 +86,16 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     tg = traced if traced is not None else trace(model, example_inputs, example_kwargs)
     if traced is None:
         say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
-    return plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
+    plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
                        progress=say, trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
                        context_parallel=context_parallel, sequence_parallel=sequence_parallel,
-                       capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel)
+                       capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
+                       compression=compression, model=model)
+    plan.fusion = _fusion_preview(tg, plan, mesh)
+    return plan
 
 
-def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, progress, **options):
+def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, progress, compression=None, **options):
     """A mesh with "pp": the intra-op plan on the other axes, then the stages (passes/pipeline.py)."""
     import dataclasses
 
@@ -99,11 +110,19 @@ def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, pr
              f"microbatches, predicted step {stages.step_time:.4g} s, bubble {stages.bubble:.1%} (analytic "
              f"{'(p-1)/(m*v)' if v > 1 else '(p-1)/m'} = {stages.analytic_bubble:.1%})")
     doc = {**stages.to_json(), "layers": names}
-    return dataclasses.replace(
+    plan = dataclasses.replace(
         plan, mesh=dict(mesh.axes), step_time_s=stages.step_time, peak_memory_bytes=int(max(stages.rank_memory)),
         # the intra-op plan's parts are summed over all stages for the whole batch; the step is the pipeline's
         time_breakdown={"pipeline_step_s": stages.step_time, **{f"all_stages_{k}": v for k, v in plan.time_breakdown.items()}},
         pipeline=doc)
+    if compression is not None:
+        from .compression import choose_compression
+        from .passes.trace import trace
+
+        tg = options.get("traced") or trace(model, example_inputs, options.get("example_kwargs"))
+        plan = dataclasses.replace(plan, time_breakdown=dict(plan.time_breakdown))
+        choose_compression(plan, tg, mesh.hardware_spec, compression, model=model, progress=progress)
+    return plan
 
 
 def _trainable(model: nn.Module) -> set[str]:
@@ -123,7 +142,7 @@ def _op_profile(spec, hw):
 
 def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None,
                 op_profile="auto", pins=None, optimizer="adamw", context_parallel="auto", sequence_parallel=None,
-                capacity_factor=None, routing=None, expert_parallel=None):
+                capacity_factor=None, routing=None, expert_parallel=None, compression=None, model=None):
     from .passes.annotate import annotate
     from .passes.build_plan import build_plan
     from .solvers.intra_op import solve
@@ -171,6 +190,10 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     set_dispatch(plan, capacity_factor)
     if routing is not None:
         place_experts(plan, routing, mesh.axes, progress, time_limit_s=min(8.0, time_limit_s))
+    if compression is not None and mode == "train":
+        from .compression import choose_compression
+
+        choose_compression(plan, tg, hw, compression, model=model, progress=progress)
     if context_parallel != "auto":
         plan.solver["context_parallel"] = context_parallel
     if sequence_parallel is not None:
@@ -182,17 +205,35 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     return plan
 
 
+def _fusion_preview(tg, plan, mesh: Mesh) -> dict:
+    """The fused kernels the per-rank program will have (codegen/fusion.py), for a plan made
+    offline: Triton on a GPU preset; on this machine's own preset, what compile would choose."""
+    from .codegen.fusion import choose_backend, fuse
+    from .codegen.lower import lower
+    from .passes.annotate import CostContext
+
+    report = fuse(lower(tg, plan, CostContext(mesh.axes, mesh.hardware_spec).collectives), "torch")
+    if mesh.hardware_spec.name == "local":
+        report["backend"], report["reason"] = choose_backend("cpu")
+    else:
+        report["backend"], report["reason"] = "triton", f"planned for {mesh.hardware_spec.name} GPUs; compile decides on the machine"
+    return report
+
+
 def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", example_kwargs: dict | None = None,
             plan=None, time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None,
             op_profile="auto", pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
             context_parallel: str = "auto", sequence_parallel: bool | None = None, capacity_factor: float | None = None,
-            routing=None, expert_parallel: bool | None = None):
+            routing=None, expert_parallel: bool | None = None, compression=None, fusion: bool = True):
     """Plan (or take ``plan``) and build the ParallelModule. Call on every rank.
 
     Every rank must reach the same plan; the plan hashes are compared across ranks and a
     mismatch raises ``PlanError``. With a ``pp`` axis the result is a ``PipelinedModule``
     (``codegen/pipeline.py``): train it with ``pm.train_step(*inputs, target=, loss_fn=)``;
-    ``pipeline`` fixes stage choices as in :func:`plan`.
+    ``pipeline`` fixes stage choices as in :func:`plan`; so does ``compression``. ``fusion``
+    fuses pointwise and row-reduction chains into generated Triton kernels where Triton runs
+    (CUDA, or ``TRITON_INTERPRET=1``); elsewhere the unfused torch ops run, and
+    ``module.plan.fusion`` records which and why.
     """
     _check(model, mesh, mode, optimizer)
     from .codegen.lower import lower
@@ -212,7 +253,8 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
                                   time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=progress,
                                   op_profile=op_profile, pins=pins, optimizer=optimizer, pipeline=pipeline,
                                   context_parallel=context_parallel, sequence_parallel=sequence_parallel,
-                                  capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel)
+                                  capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
+                                  compression=compression)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     tg = trace(model, example_inputs, example_kwargs)
@@ -221,7 +263,8 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
                            progress=progress or (lambda m: None),
                            trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
                            context_parallel=context_parallel, sequence_parallel=sequence_parallel,
-                           capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel)
+                           capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
+                           compression=compression, model=model)
     else:
         check_graph_hash(plan, tg.graph_hash)
         if dict(plan.mesh) != dict(mesh.axes):
@@ -229,6 +272,12 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
     _check_same_plan_everywhere(plan)
     ctx = CostContext(mesh.axes, mesh.hardware_spec)
     lowered = lower(tg, plan, ctx.collectives)
+    from .codegen.fusion import choose_backend, fuse
+
+    backend, reason = choose_backend(device_mesh.device_type) if fusion else ("torch", "fusion=False")
+    import dataclasses
+
+    plan = dataclasses.replace(plan, fusion={**fuse(lowered, backend), "backend": backend, "reason": reason})
     return ParallelModule(model, plan, tg, lowered, device_mesh)
 
 

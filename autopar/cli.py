@@ -290,6 +290,7 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
         sections.append(Section(f"MoE layers ({len(moe)})", ["node", "experts", "layout", "dispatch", "placement",
                                                              "time", "next best layout"], rows, notes=notes))
 
+    sections.extend(_compression_sections(plan))
     rows = [
         [phase, op, axis, str(n), format_bytes(b), format_seconds(t)]
         for (phase, op, axis), (n, b, t) in collective_totals(plan).items()
@@ -516,6 +517,38 @@ def render_html(plan: Plan, sections: list[Section]) -> str:
     )
 
 
+def _compression_sections(plan) -> list:
+    """The fused kernels and each gradient sync's compression, as the plan records them."""
+    out = []
+    fusion = plan.fusion or {}
+    if fusion.get("kernels"):
+        rows = [[k["name"], k["pattern"], str(len(k["groups"])), " ".join(o.removeprefix("aten.") for o in k["ops"])]
+                for k in fusion["kernels"]]
+        out.append(Section(f"Fused kernels ({len(rows)})", ["kernel", "pattern", "uses", "ops"], rows,
+                           notes=[f"backend: {fusion.get('backend')} ({fusion.get('reason', '')})"]))
+    comp = plan.compression or {}
+    grads = comp.get("grads") or {}
+    if grads or comp.get("pipeline"):
+        rows = []
+        for fqn, g in sorted(grads.items(), key=lambda kv: -kv[1].get("numel", 0)):
+            base = next((a for a in g.get("alternatives", []) if a["method"] == "none"), None)
+            rows.append([fqn, g["method"], g.get("axis", "-"), str(g.get("numel", "-")),
+                         format_seconds(base["comm_s"]) if base else "-", format_seconds(g.get("comm_s", 0.0)),
+                         format_seconds(g.get("codec_s", 0.0)), f"{g.get('rel_error', 0.0):.2g}"])
+        pred = comp.get("predicted") or {}
+        notes = [f"pipeline sends: {comp.get('pipeline') or 'uncompressed'}"]
+        if pred:
+            notes.insert(0, f"grad sync {format_seconds(pred['grad_sync_s'])} -> {format_seconds(pred['compressed_grad_sync_s'])}"
+                            f" + codec {format_seconds(pred['codec_s'])}; backward overlap window "
+                            f"{format_seconds(pred['overlap_window_s'])}; exposed {format_seconds(pred['exposed_s'])} -> "
+                            f"{format_seconds(pred['compressed_exposed_s'])}; gradient error {pred['rel_error']:.3g} "
+                            f"(budget {comp.get('error_budget')}, {comp.get('calibration')} calibration)")
+        out.append(Section(f"Gradient compression ({sum(g['method'] != 'none' for g in grads.values())} of {len(grads)} "
+                           "compressed)", ["parameter", "method", "axis", "elements", "uncompressed", "comm", "codec",
+                                          "rel. error"], rows, right={3, 4, 5, 6, 7}, notes=notes))
+    return out
+
+
 def cmd_inspect(args) -> int:
     plan = Plan.load(args.plan)
     if args.json:
@@ -603,6 +636,13 @@ def cmd_explain(args) -> int:
                 rows.append(row)
             print(render_table(headers, rows, right=right))
 
+    comp = ((plan.compression or {}).get("grads") or {}).get(target)
+    if comp:
+        print(f"\ngradient compression: {comp['method']} on {comp.get('axis')} (the solver's choice of each option's "
+              "exposed communication + codec time within the error budget; solvers/compression.py)")
+        rows = [[a["method"], format_seconds(a["comm_s"]), format_seconds(a["codec_s"]), f"{a['rel_error']:.2g}"]
+                for a in comp.get("alternatives", [])]
+        print(render_table(["method", "comm", "codec", "rel. error"], rows, right={1, 2, 3}))
     touching = [c for c in plan.collectives if c.get("tensor") in names or c.get("node") in names]
     print()
     if touching:
@@ -747,6 +787,10 @@ def cmd_plan(args) -> int:
                "capacity_factor": args.capacity_factor}
     if args.routing:
         options["routing"] = args.routing
+    if args.compression or args.compress_pipeline:
+        options["compression"] = {"grads": args.compression or "none", "pipeline": args.compress_pipeline,
+                                  **({"error_budget": args.error_budget} if args.error_budget is not None else {}),
+                                  **({"calibration": args.calibration} if args.calibration else {})}
     if args.pin:
         bad = [x for x in args.pin if "=" not in x]
         if bad:
@@ -1000,6 +1044,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-factor", type=float,
                    help="MoE dispatch drops assignments past this factor of the even share (default: dropless)")
     p.add_argument("--routing", metavar="FILE", help="routing statistics (RoutingStats.save) to place experts by")
+    p.add_argument("--compression", metavar="auto|METHOD",
+                   help="compress data-parallel gradient all-reduces: 'auto' (the solver picks none, int8, top-k or "
+                        "PowerSGD per layer within --error-budget) or one method everywhere (int8, topk:0.01, powersgd:4)")
+    p.add_argument("--error-budget", type=float, help="--compression auto: relative L2 error allowed for the whole "
+                                                     "gradient (default 0.1)")
+    p.add_argument("--calibration", metavar="FILE", help="--compression: measured errors (CompressionStats.save); "
+                                                        "without it a meta model is calibrated on Gaussian gradients")
+    p.add_argument("--compress-pipeline", choices=["int8"], help="quantize pipeline stage-to-stage sends")
     p.add_argument("--pin", action="append", metavar="PATTERN=PLACEMENT",
                    help="fix the placement of matching parameters/nodes, e.g. 'blocks.*.fc1.weight=S(0)' "
                         "(one placement per mesh axis, comma-separated); repeatable")

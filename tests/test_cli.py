@@ -172,7 +172,7 @@ def test_bad_plan_file_is_a_clean_error(capsys, tmp_path):
     path.write_text(json.dumps(data))
     code, out, err = run_cli(capsys, "inspect", path)
     assert code == 1 and out == ""
-    assert err.strip() == "autopar: error: plan schema version 7; this autopar reads versions 1 to 2 (at $.schema_version)"
+    assert err.strip() == "autopar: error: plan schema version 7; this autopar reads versions 1 to 3 (at $.schema_version)"
     code, _, err = run_cli(capsys, "inspect", tmp_path / "missing.json")
     assert code == 1 and "does not exist" in err
 

@@ -2,13 +2,15 @@
 
 from pathlib import Path
 
-BUDGET = 11500  # lines of Python in autopar/, blank lines and comments included (6000 until issue 3 added
+BUDGET = 13200  # lines of Python in autopar/, blank lines and comments included (6000 until issue 3 added
 # profiled ops, segmented collective fits and the memory model; 7500 until issue 4 added pipelined
 # execution, four schedules in the stage solver and their pass-by-pass simulation; 8500 until issue 5
 # added ring attention with its own backward, the Triton block kernel, Megatron-SP/CP strategies and
 # costs, and the variable-length batch MILP, about 1,100 lines; 10000 until issue 6 added MoE detection
 # on the graph with its probes, expert-parallel dispatch, the Triton permute/combine kernels, the
-# expert placement ILP and routing statistics, about 1,650 lines)
+# expert placement ILP and routing statistics, about 1,650 lines; 11500 until issue 7 added the fusion
+# pass with its Triton code generator, the int8/top-k/PowerSGD compressors with their quantize
+# kernels, calibration and the per-layer compression ILP, about 1,600 lines)
 
 
 def test_core_fits_its_line_budget():

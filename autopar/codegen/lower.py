@@ -193,6 +193,9 @@ KV_REPLICATED = "autopar.sdpa_kv_replicated"  # GQA with query heads sharded pas
 MOE = "autopar.moe"  # (MOE, layer, the plan's moe entry): codegen/moe.py dispatches its tokens
 
 
+FUSED = "autopar.fused"  # (FUSED, fusion.FusedOp): one generated kernel for a group of ops (codegen/fusion.py)
+
+
 def _local_op(node: fx.Node, out_pl, axes: list, ins: list):
     """What a ``local_call`` runs: the node's own op; ring attention for sdpa whose output is
     sequence-sharded on ``cp``; or, for GQA sdpa whose query heads are sharded on an axis where

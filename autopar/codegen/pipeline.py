@@ -104,12 +104,54 @@ def _wire_placements(node) -> tuple | None:
     return None if pls is None else tuple("R" if p.startswith("P") else p for p in pls)
 
 
-class StageModule(nn.Module):
-    """One stage's program as an ``nn.Module`` over plain tensors (what the pipelining stages send)."""
+class _SendInt8(torch.autograd.Function):
+    """Sender side of an int8 pipeline send: x -> [int8 codes | fp32 scales] packed in an fp32
+    tensor (codegen/compress.py ``pack_float32``); backward unpacks the packed gradient it gets."""
 
-    def __init__(self, program: StageProgram, lowered, mesh, state: dict, fixups: list):
+    @staticmethod
+    def forward(ctx, x, block):
+        from .compress import pack_float32
+
+        ctx.shape, ctx.dtype, ctx.block = x.shape, x.dtype, block
+        return pack_float32(x.detach(), block)
+
+    @staticmethod
+    def backward(ctx, packed):
+        from .compress import unpack_float32
+
+        return unpack_float32(packed, ctx.shape.numel(), ctx.block, ctx.dtype).view(ctx.shape), None
+
+
+class _RecvInt8(torch.autograd.Function):
+    """Receiver side: unpacks in forward; backward packs the gradient the same way."""
+
+    @staticmethod
+    def forward(ctx, packed, shape, dtype, block):
+        from .compress import unpack_float32
+
+        ctx.block = block
+        return unpack_float32(packed.detach(), shape.numel(), block, dtype).view(shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        from .compress import pack_float32
+
+        return pack_float32(g.contiguous(), ctx.block), None, None, None
+
+
+class StageModule(nn.Module):
+    """One stage's program as an ``nn.Module`` over plain tensors (what the pipelining stages send).
+
+    ``wire`` (a parsed ``int8`` method, from ``plan.compression["pipeline"]``) int8-quantizes the
+    floating-point values sent between stages, activations forward and their gradients backward:
+    a sent value travels packed in one fp32 tensor of a size fixed by its (static) shape."""
+
+    def __init__(self, program: StageProgram, lowered, mesh, state: dict, fixups: list, wire=None,
+                 n_stages: int | None = None):
         super().__init__()
         self.program, self.lowered, self.mesh, self.fixups = program, lowered, mesh, fixups
+        self.wire, self.last = wire, n_stages is None or program.index == n_stages - 1
+        self._wire_shapes: dict = {}  # received value -> this rank's shape of it
         self._state = state  # placeholder name -> parameter / buffer / constant
         params = [state[n.name] for n in program.state if isinstance(state[n.name], nn.Parameter)]
         self.params = nn.ParameterList(list({id(p): p for p in params}.values()))
@@ -124,6 +166,8 @@ class StageModule(nn.Module):
             env[n] = self._state[n.name]
         for n, x in zip(self.program.inputs, xs):
             pls = _wire_placements(n)
+            if self._packed(n) and self.program.index > 0:
+                x = _RecvInt8.apply(x, self._local_shape(n, pls), n.meta["val"].dtype, self.wire.block)
             if pls is not None and not isinstance(x, DTensor):
                 meta = n.meta["val"]
                 x = DTensor.from_local(_like(x, meta), self.mesh, _placements(pls), run_check=False,
@@ -140,11 +184,30 @@ class StageModule(nn.Module):
                 if tuple(x.placements) != want:
                     x = x.redistribute(self.mesh, want)
                 x = x.to_local()
-            if isinstance(x, torch.Tensor):  # zero-bubble schedules detach stage outputs in place: no views
+            if isinstance(x, torch.Tensor) and self._packed(n) and not self.last:
+                x = _SendInt8.apply(x.contiguous(), self.wire.block)  # a fresh tensor, not a view
+            elif isinstance(x, torch.Tensor):  # zero-bubble schedules detach stage outputs in place: no views
                 x = x.contiguous()
                 x = x.clone() if x._is_view() else x
             outs.append(x)
         return tuple(outs) if len(outs) != 1 else outs[0]
+
+    def _packed(self, n) -> bool:
+        """Whether value ``n`` crosses a cut int8-packed (floating point, with int8 sends on)."""
+        meta = n.meta.get("val")
+        return self.wire is not None and isinstance(meta, torch.Tensor) and meta.is_floating_point()
+
+    def _local_shape(self, n, pls) -> torch.Size:
+        """This rank's shape of the value ``n`` that crosses a cut in placements ``pls``."""
+        meta = n.meta["val"]
+        if pls is None or all(p == "R" for p in pls):
+            return meta.shape
+        if n.name not in self._wire_shapes:  # static per microbatch: ask DTensor once
+            from torch.distributed.tensor import empty
+
+            self._wire_shapes[n.name] = empty(tuple(meta.shape), dtype=meta.dtype, device_mesh=self.mesh,
+                                              placements=_placements(pls)).to_local().shape
+        return self._wire_shapes[n.name]
 
 
 def schedule_class(name: str):
@@ -286,7 +349,16 @@ class PipelinedModule(CompiledModule):
         fixups = self._autopar["fixups"]
         device = torch.device(device_mesh.device_type, torch.cuda.current_device()) if device_mesh.device_type == "cuda" \
             else torch.device("cpu")
-        modules = {k: StageModule(programs[k], lowered, inner, state, fixups) for k in mine}
+        wire = (plan.compression or {}).get("pipeline")
+        if wire is not None:
+            from .compress import parse_method
+
+            wire = parse_method(wire)
+            wire = None if wire.kind == "none" else wire
+            if wire is not None and wire.kind != "int8":
+                raise PlanError(f"pipeline sends compress with 'int8' (or 'int8:B'), not {str(wire)!r}",
+                                "$.compression.pipeline")
+        modules = {k: StageModule(programs[k], lowered, inner, state, fixups, wire, n_stages) for k in mine}
         stages = [PipelineStage(modules[k], k, n_stages, device, group=pp_group) for k in mine]
         self._autopar.update(
             stages=stages, modules=modules, shared=shared, schedules={}, pp_group=pp_group,

@@ -126,6 +126,10 @@ class Executor(fx.Interpreter):
             elif isinstance(op, tuple) and op[0] == L.KV_REPLICATED:
                 out = _sdpa_kv_replicated(self.mesh, op[1], op[2], op_args[0].shape[1], op_args[1].shape[1],
                                           *local_args, **local_kwargs)
+            elif isinstance(op, tuple) and op[0] == L.FUSED:  # a generated kernel (codegen/fusion.py)
+                from .fusion import run_fused
+
+                out = run_fused(op[1], self.mesh, local_args)
             else:
                 out = op(*local_args, **local_kwargs)
             metas = self.current_meta if isinstance(self.current_meta, (tuple, list)) else (self.current_meta,)
@@ -248,15 +252,29 @@ def _like(local: torch.Tensor, meta) -> torch.Tensor:
     return local.permute(order).contiguous().permute(inverse)
 
 
-def sync_gradients(param) -> None:
+def sync_gradients(param, compressor=None) -> None:
     """After backward, bring a parameter's gradient to the parameter's placement.
 
     A gradient computed from data-sharded activations is ``P(sum)`` on the data axis; this is
-    where data parallelism's all-reduce (or ZeRO's reduce-scatter) happens.
+    where data parallelism's all-reduce (or ZeRO's reduce-scatter) happens. With a
+    ``compressor`` (codegen/compress.py, the plan's ``compression["grads"]`` choice), a gradient
+    that differs from the parameter only by ``P(sum)`` -> ``R`` on one mesh axis is all-reduced
+    compressed on that axis's group, local shard by local shard; any other sync is uncompressed.
     """
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
     g = param.grad
-    if g is not None and tuple(g.placements) != tuple(param.placements):
+    if g is None or tuple(g.placements) == tuple(param.placements):
+        return
+    differ = [i for i, (a, p) in enumerate(zip(g.placements, param.placements)) if a != p]
+    if compressor is None or len(differ) != 1 or not isinstance(param.placements[differ[0]], Replicate) \
+            or not isinstance(g.placements[differ[0]], Partial) or g.placements[differ[0]].reduce_op != "sum":
         param.grad = g.redistribute(param.device_mesh, param.placements)
+        return
+    mesh = param.device_mesh
+    local = compressor.allreduce(g.to_local().contiguous(), mesh.get_group(differ[0]))
+    param.grad = DTensor.from_local(local, mesh, param.placements, run_check=False, shape=param.shape,
+                                    stride=param.stride())
 
 
 def user_inputs(tg, args, kwargs, batch_factor: int = 1) -> list:
@@ -284,13 +302,21 @@ def install_parameters(module: nn.Module, model: nn.Module, plan, mesh, axes=Non
 
     FQNs are kept, tied parameters stay one object. ``keep`` (FQNs) limits this rank to those
     parameters (a pipeline stage's); the others are dropped. ``hook`` syncs gradients (dp's
-    all-reduce) as each one is accumulated.
+    all-reduce) as each one is accumulated, compressed as ``plan.compression["grads"][fqn]`` says.
     """
+    import functools
+
     from torch.distributed.tensor import distribute_tensor
+
+    from .compress import make_compressor, parse_method
 
     axes = list(plan.mesh) if axes is None else axes
     replaced: dict[int, nn.Parameter] = {}
     order = expert_orders(plan)
+    grads = (plan.compression or {}).get("grads") or {}
+    names: dict[int, list[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(fqn)
     for fqn, p in list(model.named_parameters(remove_duplicate=False)):
         owner, _, leaf = fqn.rpartition(".")
         target = module.get_submodule(owner) if owner else module
@@ -306,7 +332,10 @@ def install_parameters(module: nn.Module, model: nn.Module, plan, mesh, axes=Non
             dt = distribute_tensor(data, mesh, _placements([pls[a] for a in axes]), src_data_rank=None)
             newp = nn.Parameter(dt, requires_grad=p.requires_grad)
             if hook:
-                newp.register_post_accumulate_grad_hook(sync_gradients)
+                choice = next((grads[f] for f in names[id(p)] if f in grads), None)  # any name of a tied one
+                compressor = make_compressor(choice) if choice and parse_method(choice).kind != "none" else None
+                newp.register_post_accumulate_grad_hook(
+                    sync_gradients if compressor is None else functools.partial(sync_gradients, compressor=compressor))
             replaced[id(p)] = newp
         if owner == "" and leaf not in module._parameters:
             module.register_parameter(leaf, replaced[id(p)])
