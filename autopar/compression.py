@@ -199,6 +199,11 @@ def choose_compression(plan, tg, hw, spec, *, model=None, progress=None) -> None
         plan.warnings.append("gradient compression is not applied on meshes with 'pp' yet (the stages' gradient "
                              "syncs run uncompressed); pipeline sends can be: compression={'pipeline': 'int8'}")
         items = {}
+    if grads not in (None, "none") and not items and "pp" not in plan.mesh:
+        plan.warnings.append("compression was asked for, but this plan has no parameter gradient all-reduced on one "
+                             "mesh axis (the solver did not use data parallelism here; a model that returns full "
+                             "outputs makes every rank gather them, which a slow link may not pay for): nothing "
+                             "to compress")
     if grads in (None, "none") or not items:
         plan.compression = out if out["pipeline"] else None
         return

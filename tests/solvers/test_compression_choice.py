@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import autopar
+from autopar.passes.trace import trace
 from autopar.compression import CompressionStats, calibrate_compression, sent_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -110,10 +111,11 @@ def test_meta_models_use_synthetic_calibration():
 def test_bad_compression_options_say_what_to_do(model_and_stats, tmp_path):
     model, inputs, _, _ = model_and_stats
     mesh = autopar.Mesh({"dp": 2}, hardware="a10g-eth10g")
+    traced = trace(model, inputs)
     for bad, msg in [({"grads": "zip"}, "zip"), ({"error_budget": 2}, "error_budget"), ({"pipline": "int8"}, "unknown keys"),
                      ({"pipeline": "fp4"}, "pipeline")]:
         with pytest.raises(autopar.AutoparError, match=msg):
-            autopar.plan(model, mesh, inputs, compression=bad)
+            autopar.plan(model, mesh, inputs, compression=bad, traced=traced)
     (tmp_path / "x.json").write_text("{")
     with pytest.raises(autopar.AutoparError, match="not a compression calibration file"):
         CompressionStats.load(tmp_path / "x.json")
