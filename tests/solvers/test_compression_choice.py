@@ -128,3 +128,11 @@ def test_wire_bytes_shrink_as_predicted():
     assert sent_bytes("int8", (n,), p) / none == pytest.approx((1 + 4 / 64) / 4)  # int8 + one fp32 scale per 64
     assert sent_bytes("topk:0.01", (n,), p) / none == pytest.approx(p * 0.01 * 8 / 8, rel=1e-4)  # (value, index) pairs, gathered
     assert sent_bytes("powersgd:4", (512, 2048), p) / sent_bytes("none", (512, 2048), p) == pytest.approx(4 * 2560 / 2048 / 512)
+
+
+def test_a_plan_without_gradient_all_reduces_says_there_is_nothing_to_compress():
+    with torch.device("meta"):
+        model, ids = gpt.GPT(**CONFIG), torch.zeros(8, 128, dtype=torch.long)
+    plan = autopar.plan(model, autopar.Mesh({"dp": 4}, hardware="a10g-eth10g"), (ids,), compression="auto")
+    assert plan.compression is None
+    assert any("nothing to compress" in w for w in plan.warnings), plan.warnings
