@@ -24,24 +24,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
+import gpt  # noqa: E402
 import torch  # noqa: E402
 
 import autopar  # noqa: E402
 
 METHODS = ("none", "int8", "topk:0.01", "powersgd:4")
 CONFIG = dict(vocab=512, d=256, heads=4, layers=2, max_len=128)
-
-
-class LanguageModel(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        import gpt
-
-        self.gpt = gpt.GPT(**CONFIG)
-
-    def forward(self, ids):
-        logits = self.gpt(ids)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
 def _data(batch=16, seq=64):
@@ -59,7 +48,7 @@ def _rank(rank, world, plan_json, steps, preset):
     out = {}
     for method in METHODS:
         torch.manual_seed(0)
-        model = LanguageModel()
+        model = gpt.WithLoss(**CONFIG)
         plan = autopar.Plan.from_json(plan_json)
         plan.compression = {"grads": {f: {"method": method} for f in base.param_placements}}
         pm = autopar.compile(model, autopar.Mesh({"dp": world}, hardware=preset), (ids,), plan=plan)
@@ -104,7 +93,7 @@ def main() -> None:
     with open(preset, "w") as f:
         json.dump(doc, f)
     torch.manual_seed(0)
-    plan = autopar.plan(LanguageModel(), autopar.Mesh({"dp": args.nproc}, hardware=preset), (_data(),))
+    plan = autopar.plan(gpt.WithLoss(**CONFIG), autopar.Mesh({"dp": args.nproc}, hardware=preset), (_data(),))
     syncs = [c for c in plan.collectives if c["phase"] == "grad_sync"]
     print(f"GPT d=256 on dp={args.nproc} (gloo, CPU): {len(syncs)} gradient all-reduces per step, "
           f"{sum(c['bytes'] for c in syncs) / 2**20:.2f} MiB")
@@ -125,9 +114,9 @@ def main() -> None:
     from autopar.compression import calibrate_compression
 
     torch.manual_seed(0)
-    stats = calibrate_compression(LanguageModel(), (_data(8, 128),), loss_fn=lambda loss: loss)
+    stats = calibrate_compression(gpt.WithLoss(**CONFIG), (_data(8, 128),), loss_fn=lambda loss: loss)
     with torch.device("meta"):
-        big = LanguageModel()
+        big = gpt.WithLoss(**CONFIG)
     ids = torch.zeros(1024, 128, dtype=torch.long, device="meta")
     for hw, axes in (("a10g-eth10g", {"dp": 4}), ("h100-sxm", {"dp": 8})):
         p = autopar.plan(big, autopar.Mesh(axes, hardware=hw), (ids,), compression={"calibration": stats})

@@ -50,6 +50,20 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+class WithLoss(nn.Module):
+    """The GPT with its next-token loss inside, as training code runs it: the output is one number,
+    so data parallelism costs only the gradient all-reduces (full logits gathered on every rank
+    would cost more than data parallelism saves on a slow link)."""
+
+    def __init__(self, **config):
+        super().__init__()
+        self.gpt = GPT(**config)
+
+    def forward(self, ids):
+        logits = self.gpt(ids)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
 def _make(batch: int, seq: int, **config):
     torch.manual_seed(0)
     model = GPT(**config)

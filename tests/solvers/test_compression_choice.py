@@ -19,29 +19,16 @@ import gpt  # noqa: E402
 CONFIG = dict(vocab=512, d=256, heads=4, layers=2, max_len=128)
 
 
-class LanguageModel(torch.nn.Module):
-    """The GPT with its next-token loss inside, as training code runs it: the output is one number,
-    so data parallelism costs only the gradient all-reduces (returning full logits would not pay)."""
-
-    def __init__(self):
-        super().__init__()
-        self.gpt = gpt.GPT(**CONFIG)
-
-    def forward(self, ids):
-        logits = self.gpt(ids)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
 @pytest.fixture(scope="module")
 def model_and_stats():
     """Errors measured on a runnable copy (8 sequences); plans for a meta copy with a batch big
     enough (1024 x 128 tokens) that data parallelism pays even over Ethernet."""
     torch.manual_seed(0)
-    model = LanguageModel()
+    model = gpt.WithLoss(**CONFIG)
     ids = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(2))
     stats = calibrate_compression(model, (ids,), loss_fn=lambda loss: loss)
     with torch.device("meta"):
-        big = LanguageModel()
+        big = gpt.WithLoss(**CONFIG)
     return big, (torch.zeros(1024, 128, dtype=torch.long, device="meta"),), stats, model
 
 
@@ -102,7 +89,7 @@ def test_zero_budget_and_fixed_methods(model_and_stats):
 
 def test_meta_models_use_synthetic_calibration():
     with torch.device("meta"):
-        model, inputs = LanguageModel(), (torch.zeros(1024, 128, dtype=torch.long),)
+        model, inputs = gpt.WithLoss(**CONFIG), (torch.zeros(1024, 128, dtype=torch.long),)
     plan = autopar.plan(model, autopar.Mesh({"dp": 4}, hardware="a10g-eth10g"), inputs, compression="auto")
     assert plan.compression["calibration"] == "synthetic"
     assert any(g["method"] != "none" for g in plan.compression["grads"].values())
