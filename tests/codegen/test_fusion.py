@@ -215,7 +215,6 @@ def _gpt_on_ranks(rank, world, plan_json):
     pm = autopar.compile(model, autopar.Mesh({"tp": 2}, hardware=PRESET), example_inputs=(ids,),
                          plan=autopar.Plan.from_json(plan_json))
     backend, _ = fusion.choose_backend("cpu")
-    code = pm.lowered_graph.code
     fusion.fuse(pm.lowered_graph, backend)  # in place (compile may have fused already)
     fused = sum(1 for n in pm.lowered_graph.graph.nodes if _is_fused(n))
     y, y_ref = pm(ids), ref(ids)
@@ -223,11 +222,13 @@ def _gpt_on_ranks(rank, world, plan_json):
     y_ref.float().pow(2).mean().backward()
     ref_params = dict(ref.named_parameters())
     grad = max(rel_err(p.grad.full_tensor(), ref_params[fqn].grad) for fqn, p in pm.named_parameters())
-    return {"backend": backend, "fused": fused, "unchanged": pm.lowered_graph.code == code,
+    return {"backend": backend, "fused": fused,
             "out": rel_err(y, y_ref), "grad": grad, "fixups": list(pm.runtime_fixups)}
 
 
 def test_fused_gpt_on_two_ranks_matches_single_process():
+    if not KERNEL:  # unfused, the program is unchanged (test above) and test_numerics checks it on ranks
+        pytest.skip("runs in the interpreter pass, where the groups are fused")
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     import gpt
 
@@ -239,10 +240,7 @@ def test_fused_gpt_on_two_ranks_matches_single_process():
     for rep in reports:
         assert rep["out"] < 1e-4 and rep["grad"] < 1e-4, rep
         assert rep["fixups"] == []
-        if KERNEL:
-            assert rep["backend"] == "triton-interpreter" and rep["fused"] >= 6, rep
-        else:
-            assert rep["backend"] == "torch" and rep["fused"] == 0 and rep["unchanged"], rep
+        assert rep["backend"] == "triton-interpreter" and rep["fused"] >= 6, rep
 
 
 def test_generated_kernels_pass_the_same_checks_under_interpreter(tmp_path):
