@@ -178,7 +178,10 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     for w in an.warnings:
         progress(f"warning: {w}")
     limit = memory_limit_bytes if memory_limit_bytes is not None else hw.memory_capacity_bytes
-    sol = solve(an.problem(limit), time_limit_s=time_limit_s, progress=progress)
+    # identical layers take identical strategies: one representative each is solved (exact over
+    # such tied choices, inter-layer edges included; solvers.intra_op.fold_copies)
+    copies = an.repeated_layers() if os.environ.get("AUTOPAR_NO_DEDUP") != "1" else None
+    sol = solve(an.problem(limit), time_limit_s=time_limit_s, progress=progress, copies=copies)
     progress(f"solved ({sol.status}) in {sol.solve_time_s:.1f} s: predicted {sol.objective * 1e3:.3f} ms per step")
     plan = build_plan(an, sol, mesh.hardware)
     fixed = an.ctx.overhead("step_s") if mode == "train" else 0.0

@@ -57,6 +57,7 @@ import torch.fx as fx
 
 from ..cost_models.comm import axis_links, collective_time, price_steps
 from ..cost_models.compute import compute_time, op_bytes, op_flops
+from ..errors import AutoparError
 from ..cost_models.hardware import Hardware
 from ..cost_models.memory import saved_by, state_bytes, update_cost
 from ..cost_models.profile import op_call, op_class
@@ -104,6 +105,29 @@ class Annotated:
             node_costs=self.node_cost, node_memory=self.node_mem,
             edges=[(e.src, e.dst) for e in self.edges], edge_costs=self.edge_cost,
             memory_limit=memory_limit, names=[n.name for n in self.nodes])
+
+    def repeated_layers(self) -> list:
+        """Classes of identical layers for ``solvers.intra_op.fold_copies``: the model's repeated
+        blocks (passes/pipeline.py ``layer_index``) grouped by a structural hash, the sequence of
+        (kind, op, shapes, strategies) of their decision nodes. Layers that differ (the first
+        carries the embedding, the last the head) stay out; a model without blocks gives []."""
+        from .pipeline import layer_index
+
+        try:
+            _, layer = layer_index(self.tg)
+        except AutoparError:
+            return []
+        members: dict[int, list[int]] = {}
+        for v, node in enumerate(self.nodes):
+            if node.name in layer:
+                members.setdefault(layer[node.name], []).append(v)
+        by_signature: dict[tuple, list[list[int]]] = {}
+        for k in sorted(members):
+            vs = members[k]
+            sig = tuple((self.kind[v], str(self.nodes[v].target) if self.nodes[v].op == "call_function" else "",
+                         _shape_key(self.nodes[v]), tuple(self.strategies[v])) for v in vs)
+            by_signature.setdefault(sig, []).append(vs)
+        return [layers for layers in by_signature.values() if len(layers) > 1]
 
 
 class CostContext:
@@ -154,6 +178,12 @@ class CostContext:
 
     def time(self, src, dst, shape, itemsize) -> float:
         return sum(c.time_s for c in self.collectives(src, dst, shape, itemsize))
+
+
+def _shape_key(node) -> tuple:
+    vals = node.meta.get("val")
+    vals = vals if isinstance(vals, (tuple, list)) else (vals,)
+    return tuple((tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else None for t in vals)
 
 
 def _saved_through_views(saves, nodes, kind, edges) -> set[int]:

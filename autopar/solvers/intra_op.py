@@ -1037,12 +1037,54 @@ def _explain(p: ShardingProblem) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def fold_copies(problem: ShardingProblem, copies: list) -> tuple[ShardingProblem, list[int]]:
+    r"""Tie repeated layers: the problem in which every copy of a layer takes its representative's
+    strategies, and ``rep`` (node of ``problem`` -> node of the folded problem).
+
+    ``copies`` is a list of classes; a class is a list of layers of equal length, each a list of
+    node ids, position ``j`` of every layer being the same op with the same strategy list (layer 0
+    is the representative).  With ``m(v)`` a node's representative, the folded problem has::
+
+        c'_m(v) += c_v,   m'_m(v) += m_v                      for every node v
+        R'_(m(u),m(v)) += R_uv                                 for every edge with m(u) ≠ m(v)
+        c'_m(v)[i] += R_uv[i, i]                               for every edge with m(u) = m(v)
+
+    (the last: an edge between two copies of one position, both taking strategy i).  For every
+    tied choice the two objectives, and the two memory sums, are term-by-term equal: solving the
+    folded problem is exact over tied choices, and the inter-layer edges are all still priced.
+    """
+    rep = list(range(problem.num_nodes))
+    for cls in copies:
+        for layer in cls[1:]:
+            for v, r in zip(layer, cls[0]):
+                rep[v] = r
+    keep = sorted(set(rep))
+    index = {v: i for i, v in enumerate(keep)}
+    costs = [np.zeros(len(problem.node_costs[v])) for v in keep]
+    memory = [np.zeros(len(problem.node_memory[v])) for v in keep]
+    for v in range(problem.num_nodes):
+        costs[index[rep[v]]] = costs[index[rep[v]]] + problem.node_costs[v]
+        memory[index[rep[v]]] = memory[index[rep[v]]] + problem.node_memory[v]
+    edges, edge_costs = [], []
+    for (u, v), r in zip(problem.edges, problem.edge_costs):
+        a, b = index[rep[u]], index[rep[v]]
+        if a == b:
+            costs[a] = costs[a] + np.diagonal(r)
+        else:
+            edges.append((a, b))
+            edge_costs.append(r)
+    names = [problem.name(v) for v in keep] if problem.names is not None else None
+    folded = ShardingProblem(costs, memory, edges, edge_costs, problem.memory_limit, names)
+    return folded, [index[r] for r in rep]
+
+
 def solve(
     problem: ShardingProblem,
     *,
     time_limit_s: float = 20.0,
     workers: int = 2,
     progress: Callable[[str], None] | None = None,
+    copies: list | None = None,
 ) -> Solution:
     r"""Choose one strategy per node minimising the total time, within the memory limit.
 
@@ -1067,7 +1109,22 @@ def solve(
 
     Raises InfeasibleError when no choice meets the memory limit or avoids the forbidden pairs,
     with an explanation (minimum memory vs. limit and the largest contributors, or the edges).
+
+    ``copies`` (repeated layers, see :func:`fold_copies`) ties every copy of a layer to its
+    representative's strategies: the folded problem is solved and its choice copied back; the
+    objective is still evaluated on the whole problem.
     """
+    if copies:
+        t0 = time.perf_counter()
+        folded, rep = fold_copies(problem, copies)
+        say = progress if callable(progress) else (lambda _msg: None)
+        say(f"dedup: {sum(len(c) for c in copies)} repeated layers in {len(copies)} class(es): "
+            f"{problem.num_nodes} -> {folded.num_nodes} nodes")
+        sol = solve(folded, time_limit_s=time_limit_s, workers=workers, progress=progress)
+        choice = [sol.choice[r] for r in rep]
+        stats = {**sol.stats, "nodes_in": problem.num_nodes, "edges_in": len(problem.edges),
+                 "folded_nodes": folded.num_nodes, "repeated_layers": sum(len(c) for c in copies)}
+        return Solution(choice, evaluate(problem, choice), sol.status, time.perf_counter() - t0, stats)
     t0 = time.perf_counter()
     problem.validate()
     say = progress if callable(progress) else (lambda _msg: None)
