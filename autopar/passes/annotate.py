@@ -180,6 +180,27 @@ class CostContext:
         return sum(c.time_s for c in self.collectives(src, dst, shape, itemsize))
 
 
+def _rule_key(node, cands) -> tuple | None:
+    """What a node's strategies depend on: its op, its arguments (tensors by shape and dtype), its
+    outputs' shapes and its inputs' candidate placements; None if an argument is not hashable."""
+    def plain(a):
+        if isinstance(a, fx.Node):
+            v = a.meta.get("val")
+            return ("T", tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else ("V", repr(v))
+        if isinstance(a, (list, tuple)):
+            return tuple(plain(x) for x in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, plain(x)) for k, x in a.items()))
+        return a
+
+    key = (node.target, plain(node.args), plain(node.kwargs), _shape_key(node), tuple(tuple(c) for c in cands))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def _shape_key(node) -> tuple:
     vals = node.meta.get("val")
     vals = vals if isinstance(vals, (tuple, list)) else (vals,)
@@ -259,6 +280,7 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
         resolve[node] = (index[node], 0)
 
     expert_params = {p for layer in tg.moe for p in layer.params}
+    rules: dict[tuple, list] = {}
     for node in tg.gm.graph.nodes:
         if node.op == "placeholder" and node.name in tg.aliases:
             continue  # a tied parameter: planned once, under the placeholder the graph uses
@@ -296,7 +318,13 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
             for a in ins:
                 p, o = resolve[a]
                 cands.append(list(dict.fromkeys(s.outs[o] for s in strategies[p])))
-            add(node, "op", enum.for_node(node, cands))
+            key = _rule_key(node, cands)  # repeated layers ask the same question: answer it once
+            found = rules.get(key) if key is not None else None
+            if found is None:
+                found = enum.for_node(node, cands)
+                if key is not None:
+                    rules[key] = found
+            add(node, "op", list(found))
             needs_grad[node] = any(needs_grad.get(a, False) for a in ins) and any(_is_float(t) for t in outputs_meta(node))
         else:
             raise NotImplementedError(f"unexpected fx node {node.op} {node.target}")
@@ -347,10 +375,16 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
 
     saved_in = _saved_through_views(saves, nodes, kind, edges)
     edge_cost = []
+    matrices: dict[tuple, np.ndarray] = {}  # repeated layers have the same edges: price each once
     for k_e, e in enumerate(edges):
         consumer = strategies[e.dst]
         srcs = [s.outs[e.src_out] for s in strategies[e.src]]
-        m = np.zeros((len(srcs), len(consumer)))
+        key = (tuple(srcs), tuple((cs.ins[e.dst_in], cs.outs[0] if cs.outs else None) for cs in consumer), e.shape,
+               e.itemsize, e.grad and grad_fanout[e.src, e.src_out], k_e in saved_in)
+        if key in matrices:
+            edge_cost.append(matrices[key])
+            continue
+        m = matrices[key] = np.zeros((len(srcs), len(consumer)))
         for j, cs in enumerate(consumer):
             dst = cs.ins[e.dst_in]
             cout = cs.outs[0] if cs.outs else None
