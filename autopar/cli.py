@@ -779,7 +779,13 @@ def cmd_plan(args) -> int:
 
     if args.devices is not None and args.devices < 1:
         raise AutoparError(f"--devices must be a positive int, got {args.devices}")
-    model, example_inputs = models.build(args.model, batch=args.batch, seq=args.seq, device="meta")
+    batch = args.batch
+    if args.devices is not None and batch is None and args.model in models.PRESETS:
+        # a mesh search needs a batch every data-parallel degree divides: one sequence per device at least
+        batch = max(models.PRESETS[args.model].batch, args.devices)
+        _progress(f"batch {batch} x {models.PRESETS[args.model].seq if args.seq is None else args.seq} tokens "
+                  f"(the preset's, at least one sequence per device; --batch sets it)")
+    model, example_inputs = models.build(args.model, batch=batch, seq=args.seq, device="meta")
     options = {"mode": args.mode, "progress": _progress, "optimizer": args.optimizer,
                "context_parallel": args.context_parallel,
                "sequence_parallel": {"auto": None, "on": True, "off": False}[args.sequence_parallel],

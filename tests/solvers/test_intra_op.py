@@ -308,3 +308,42 @@ def test_empty_and_trivial_problems():
     assert solve(ShardingProblem([], [], [], [])).choice == []
     sol = solve(ShardingProblem([np.array([2.0, 1.0, 1.0])], [np.zeros(3)], [], []))
     assert sol.choice == [1] and sol.objective == 1.0 and sol.status == "OPTIMAL"
+
+
+def _exhaustive(p: ShardingProblem) -> float:
+    """The optimum by enumerating every choice (4^12 = 16.7M here), vectorised over the last nodes."""
+    n, head = p.num_nodes, 4
+    ks = [len(c) for c in p.node_costs]
+    tail = np.indices(ks[head:]).reshape(n - head, -1)  # every choice of nodes head..n-1, as columns
+    mem = np.asarray([m for m in p.node_memory], dtype=object)
+    best = math.inf
+    for prefix in itertools.product(*[range(k) for k in ks[:head]]):
+        choice = [np.full(tail.shape[1], i) for i in prefix] + list(tail)
+        total = sum(p.node_costs[v][choice[v]] for v in range(n))
+        total = total + sum(r[choice[u], choice[v]] for (u, v), r in zip(p.edges, p.edge_costs))
+        if p.memory_limit is not None:
+            used = sum(mem[v][choice[v]] for v in range(n))
+            total = np.where(used <= p.memory_limit, total, np.inf)
+        best = min(best, float(total.min()))
+    return best
+
+
+@pytest.mark.parametrize("seed,limited", [(0, False), (1, True)])
+def test_matches_exhaustive_enumeration_at_12_nodes_by_4_strategies(seed, limited):
+    """Issue 8's optimality check at its stated size: 12 nodes x 4 strategies, a dense random graph
+    (with a memory limit that cuts the unconstrained optimum off in the second case)."""
+    rng = np.random.default_rng(500 + seed)
+    costs = [rng.uniform(0, 1, 4).round(3) for _ in range(12)]
+    mem = [rng.integers(1, 100, 4).astype(np.float64) for _ in range(12)]
+    edges = [(u, v) for v in range(1, 12) for u in range(v) if u == v - 1 or rng.random() < 0.3]
+    mats = [np.where(rng.random((4, 4)) < 0.3, 0.0, rng.uniform(0, 1, (4, 4)).round(3)) for _ in edges]
+    p = ShardingProblem(costs, mem, edges, mats)
+    if limited:
+        free = solve(p)
+        p = ShardingProblem(costs, mem, edges, mats, memory_limit=peak_memory(p, free.choice) - 30)
+    best = _exhaustive(p)
+    sol = solve(p, time_limit_s=10)
+    assert sol.status == "OPTIMAL"
+    assert sol.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+    if limited:
+        assert peak_memory(p, sol.choice) <= p.memory_limit and sol.objective > free.objective
