@@ -747,6 +747,15 @@ CP_MIN_SEQ = 16384  # from this sequence length on, the --devices search also tr
 EP_SIZES = (2, 4, 8, 16, 32, 64)  # for MoE models, the expert-parallel degrees the --devices search tries (dividing the experts)
 
 
+def _state_floor(model, optimizer: str) -> float:
+    """Bytes of parameters, gradients and optimizer state of ``model`` (tied ones once): what a
+    mesh must split over its tp, pp and ep axes (nothing shards them on dp or cp)."""
+    from .cost_models.memory import state_bytes
+
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(2 * p.numel() * p.element_size() + state_bytes(p.numel(), optimizer) for p in params if p.requires_grad)
+
+
 def candidate_meshes(devices: int, devices_per_node: int, pp_sizes=(1,), cp_sizes=(1,), ep_sizes=(1,)) -> list[dict[str, int]]:
     """Every ``{"pp": p, "dp": d, "ep": e, "cp": c, "tp": t}`` with ``p * d * e * c * t == devices``,
     ``p`` in ``pp_sizes``, ``e`` in ``ep_sizes`` (an MoE model's expert-parallel degrees, carved
@@ -824,7 +833,15 @@ def cmd_plan(args) -> int:
         ep_sizes = (1,) + tuple(e for e in EP_SIZES if all(n % e == 0 for n in experts)) if experts else (1,)
         if options.get("expert_parallel") is False:
             ep_sizes = (1,)
+        floor = _state_floor(model, args.optimizer)
+        capacity = load_hardware(args.hardware).memory_capacity_bytes
         for axes in candidate_meshes(args.devices, per_node, PP_SIZES, cp_sizes, ep_sizes):
+            split = axes.get("tp", 1) * axes.get("pp", 1) * axes.get("ep", 1)
+            if floor / split > capacity:  # parameters are replicated on dp and cp: no layout can fit
+                tried.append((axes, None, f"parameters, gradients and {args.optimizer} state alone need "
+                                          f"{format_bytes(floor / split)} per device even split {split} ways "
+                                          f"(tp x pp x ep), over {format_bytes(capacity)}"))
+                continue
             _progress(f"planning mesh {fmt_mesh(axes)}")
             try:
                 p = make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, traced=traced, **options)

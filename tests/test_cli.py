@@ -341,3 +341,15 @@ def test_plan_bad_context_parallel_request_is_a_clear_error(capsys):
     code, _, err = run_cli(capsys, "plan", "tiny-llama", "--mesh", "tp=2", "--hardware", "h100-sxm",
                            "--context-parallel", "ulysses")
     assert code != 0 and "needs a 'cp' mesh axis" in err and "Traceback" not in err
+
+
+def test_mesh_search_skips_meshes_whose_state_cannot_fit():
+    """--devices prices no mesh whose parameters, gradients and optimizer state alone overflow a
+    device once split over tp x pp x ep (nothing shards them over dp or cp)."""
+    from autopar import models
+    from autopar.cli import _state_floor
+
+    model, _ = models.build("gpt2")
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert _state_floor(model, "adamw") == 16 * n  # fp32 weights + grads + Adam's m and v
+    assert _state_floor(model, "sgd") == 8 * n
