@@ -48,7 +48,9 @@ def main() -> None:
                 continue
             dt, plan, err = run(cli, os.path.join(tmp, f"plan{k}.json"))
             s = plan.get("solver", {})
-            mesh = ",".join(f"{a}={n}" for a, n in plan.get("mesh", {}).items())
+            order = ["pp", "dp", "ep", "cp", "tp"]  # outer to inner (JSON sorts the keys)
+            mesh = ",".join(f"{a}={n}" for a, n in sorted(plan.get("mesh", {}).items(),
+                                                          key=lambda kv: order.index(kv[0]) if kv[0] in order else 9))
             rows.append([name, f"{dt:.1f} s", f"{target:.0f} s", "met" if plan and dt <= target else "NOT met",
                          mesh or err, str(s.get("nodes_in", "-")), str(s.get("folded_nodes", "-")),
                          str(s.get("cp_vars", 0) if plan else "-"), f"{plan['step_time_s']:.3f} s" if plan else "-"])
