@@ -210,6 +210,18 @@ def _pct(part: float, whole: float) -> str:
 # ---- inspect -----------------------------------------------------------------------------------
 
 
+def _gap(s: dict) -> str:
+    """How far a plan may be from optimal: CP-SAT's proven bound against the objective it found,
+    and the folded problem's size when repeated layers were tied."""
+    out = ""
+    if s.get("folded_nodes") is not None:
+        out += f"; {s.get('repeated_layers')} repeated layers tied, {s['nodes_in']} -> {s['folded_nodes']} nodes"
+    obj, bound = s.get("cp_objective_s"), s.get("cp_bound_s")
+    if s.get("status") == "FEASIBLE" and isinstance(obj, (int, float)) and isinstance(bound, (int, float)) and obj > 0:
+        out += f"; optimality gap <= {(obj - bound) / obj:.2%} (proven bound {format_seconds(bound)})"
+    return out
+
+
 def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
     s = plan.solver
     devices = math.prod(plan.mesh.values()) if plan.mesh else 0
@@ -224,7 +236,7 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
         [
             "solver",
             f"{s.get('name', '?')}: {s.get('status', '?')}"
-            + (f" in {format_seconds(solve)}" if isinstance(solve, (int, float)) else ""),
+            + (f" in {format_seconds(solve)}" if isinstance(solve, (int, float)) else "") + _gap(s),
         ],
         ["step time", format_seconds(plan.step_time_s)],
         ["peak memory", format_bytes(plan.peak_memory_bytes)],

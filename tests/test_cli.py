@@ -353,3 +353,12 @@ def test_mesh_search_skips_meshes_whose_state_cannot_fit():
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert _state_floor(model, "adamw") == 16 * n  # fp32 weights + grads + Adam's m and v
     assert _state_floor(model, "sgd") == 8 * n
+
+
+def test_inspect_reports_the_optimality_gap_and_tied_layers():
+    from autopar.cli import _gap
+
+    s = {"status": "FEASIBLE", "cp_objective_s": 2.0, "cp_bound_s": 1.9, "nodes_in": 10, "folded_nodes": 5,
+         "repeated_layers": 3}
+    assert _gap(s) == "; 3 repeated layers tied, 10 -> 5 nodes; optimality gap <= 5.00% (proven bound 1.900 s)"
+    assert _gap({"status": "OPTIMAL", "cp_objective_s": 2.0, "cp_bound_s": 2.0}) == ""
