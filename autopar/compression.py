@@ -191,8 +191,10 @@ def choose_compression(plan, tg, hw, spec, *, model=None, progress=None) -> None
     if not 0 <= budget < 1:
         raise AutoparError(f"compression error_budget={budget}: give the relative L2 error allowed, in [0, 1)")
     methods = tuple(spec.get("methods", METHODS))
-    for m in methods:
-        protocol(m, (4, 4), 2)  # parse_method raises a clear error on a bad method string
+    from .codegen.compress import parse_method
+
+    for m in methods if grads == "auto" else (grads,) if grads is not None else ():
+        parse_method(m)  # a bad method string is an AutoparError saying what is wrong
     out = {"grads": {}, "pipeline": None if pipeline in (None, "none") else pipeline, "error_budget": budget}
     items = _sync_items(plan, tg)
     if "pp" in plan.mesh and grads not in (None, "none"):
@@ -210,7 +212,6 @@ def choose_compression(plan, tg, hw, spec, *, model=None, progress=None) -> None
     links = axis_links(plan.mesh, hw)
     if grads != "auto":  # one method everywhere, no solver
         methods = ("none", grads)
-        protocol(grads, (4, 4), 2)
     stats = spec.get("calibration")
     if isinstance(stats, (str, Path)):
         stats = CompressionStats.load(stats)
