@@ -80,10 +80,10 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
                                traced=traced, compression=compression)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
-    from .passes.trace import trace
+    from .passes.replicate import trace_deep
 
     t0 = time.perf_counter()
-    tg = traced if traced is not None else trace(model, example_inputs, example_kwargs)
+    tg = traced if traced is not None else trace_deep(model, example_inputs, example_kwargs, say)
     if traced is None:
         say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
@@ -117,9 +117,9 @@ def _plan_pipelined(model, mesh: Mesh, example_inputs, *, memory_limit_bytes, pr
         pipeline=doc)
     if compression is not None:
         from .compression import choose_compression
-        from .passes.trace import trace
+        from .passes.replicate import trace_deep
 
-        tg = options.get("traced") or trace(model, example_inputs, options.get("example_kwargs"))
+        tg = options.get("traced") or trace_deep(model, example_inputs, options.get("example_kwargs"))
         plan = dataclasses.replace(plan, time_breakdown=dict(plan.time_breakdown))
         choose_compression(plan, tg, mesh.hardware_spec, compression, model=model, progress=progress)
     return plan

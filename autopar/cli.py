@@ -832,14 +832,14 @@ def cmd_plan(args) -> int:
     else:
         from .cost_models.hardware import load_hardware
 
-        from .passes.trace import trace
+        from .passes.replicate import trace_deep
 
         per_node = load_hardware(args.hardware).devices_per_node
         tried = []
         seq = max((x.shape[1] for x in example_inputs if getattr(x, "dim", lambda: 0)() >= 2), default=0)
         cp_sizes = CP_SIZES if seq >= CP_MIN_SEQ else (1,)
         t0 = time.perf_counter()
-        traced = trace(model, example_inputs)  # once, for every mesh
+        traced = trace_deep(model, example_inputs, progress=_progress)  # once, for every mesh
         _progress(f"traced {traced.model_name} in {time.perf_counter() - t0:.1f} s")
         experts = {m.experts for m in traced.moe}
         ep_sizes = (1,) + tuple(e for e in EP_SIZES if all(n % e == 0 for n in experts)) if experts else (1,)

@@ -24,7 +24,7 @@ import json
 import math
 import numbers
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,7 +89,8 @@ class Plan:
     # ---- JSON ---------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as they are (plain JSON values, not copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, ``indent=1``; floats are written with ``repr`` precision."""

@@ -348,6 +348,7 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
         _expert_parallel(expert_parallel, axes, nodes, kind, strategies)
     node_cost, node_mem = [], []
     joint = joint or {}
+    op_memo: dict[tuple, np.ndarray] = {}  # a repeated layer's ops cost what its first copy's did
     for v, node in enumerate(nodes):
         src = joint.get(source_of(node)) if kind[v] == "op" else None
         bwd = src.backward_ratio if src is not None else None
@@ -356,7 +357,14 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
         mult = (1.0 + (2.0 if bwd is None else bwd)) if train and grads else 1.0
         if kind[v] == "op":
             mask = tuple(train and needs_grad.get(a, False) for a in tensor_inputs(node))
-            node_cost.append(np.array([_op_time(node, s, ctx, train and grads, mask, mult) for s in strategies[v]]))
+            key = _rule_key(node, ())
+            key = key and (key, tuple(strategies[v]), train and grads, mask, mult)
+            costs = op_memo.get(key) if key else None
+            if costs is None:
+                costs = np.array([_op_time(node, s, ctx, train and grads, mask, mult) for s in strategies[v]])
+                if key:
+                    op_memo[key] = costs
+            node_cost.append(costs.copy())
         else:
             extra = ctx.overhead("param_s") if kind[v] == "param" and train and grads else 0.0
             node_cost.append(np.array([mult * _node_time(node, kind[v], s, ctx, train, grads, optimizer) + extra

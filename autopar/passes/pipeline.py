@@ -179,7 +179,7 @@ def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=None, sc
     from ..api import _trainable, plan_traced
     from ..cost_models.comm import axis_links
     from ..solvers.inter_op import SCHEDULES, VIRTUAL_STAGES, choose_pipeline
-    from .trace import trace
+    from .replicate import trace_deep
 
     if stages is not None and not isinstance(stages, dict):
         raise AutoparError(f"pipeline= takes a dict such as {{'schedule': '1f1b', 'microbatches': 8}}, got {stages!r}")
@@ -201,7 +201,7 @@ def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=None, sc
         microbatches = (int(fixed["microbatches"]),)
     say = options.setdefault("progress", lambda msg: None)
     t0 = time.perf_counter()
-    tg = traced if traced is not None else trace(model, example_inputs, example_kwargs)
+    tg = traced if traced is not None else trace_deep(model, example_inputs, example_kwargs, say)
     if traced is None:
         say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     hw = mesh.hardware_spec

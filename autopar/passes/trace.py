@@ -160,18 +160,29 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     args = _check_inputs(example_inputs)
     kwargs = dict(example_kwargs or {})
     try:
-        with _causal_masks_as_flags(kwargs):
-            source = torch.export.export(model, args, kwargs, strict=False)
-        ep = source.run_decompositions(_decomposition_table())
+        source, ep = export(model, args, kwargs)
     except Exception as exc:  # torch raises many unrelated types here
         raise _explain_export_failure(model, exc) from exc
+    return traced_graph(model, source, ep, args, kwargs)
 
+
+def export(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """(the exported program, the same decomposed to core ATen); torch's exceptions pass through."""
+    with _causal_masks_as_flags(kwargs):
+        source = torch.export.export(model, args, kwargs, strict=False)
+    return source, source.run_decompositions(_decomposition_table())
+
+
+def traced_graph(model, source, ep, args: tuple, kwargs: dict, gm: fx.GraphModule | None = None,
+                 params: dict | None = None, buffers: dict | None = None) -> TracedGraph:
+    """The TracedGraph of a decomposed export ``ep`` (or of ``gm`` built from it, with its own
+    placeholder maps: passes/replicate.py)."""
     sig = ep.graph_signature
-    params = dict(sig.inputs_to_parameters)
-    buffers = dict(sig.inputs_to_buffers)
+    params = dict(sig.inputs_to_parameters) if params is None else params
+    buffers = dict(sig.inputs_to_buffers) if buffers is None else buffers
     constants = {name: ep.constants[key] for name, key in sig.inputs_to_lifted_tensor_constants.items()}
     user_inputs = list(sig.user_inputs)
-    gm = ep.graph_module
+    gm = ep.graph_module if gm is None else gm
     aliases = _tie_aliases(model, gm, params)
     _merge_duplicate_views(gm)
     warnings = []

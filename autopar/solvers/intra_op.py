@@ -955,7 +955,7 @@ def _memory_message(p: ShardingProblem, limit: float, lead: str) -> str:
 
 def _explain(p: ShardingProblem) -> str:
     """Why no choice is feasible: memory lower bound, dead nodes, or an unsat core of edges."""
-    limit = p.memory_limit
+    limit = p.memory_limit if p.memory_limit is not None and math.isfinite(p.memory_limit) else None
     for v in range(p.num_nodes):
         if not np.isfinite(np.asarray(p.node_costs[v], dtype=np.float64)).any():
             return f"{p.name(v)} has no allowed strategy: every node cost is inf."
