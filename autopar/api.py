@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
 import torch.nn as nn
 
@@ -215,7 +216,8 @@ def _fusion_preview(tg, plan, mesh: Mesh) -> dict:
     from .codegen.lower import lower
     from .passes.annotate import CostContext
 
-    report = fuse(lower(tg, plan, CostContext(mesh.axes, mesh.hardware_spec).collectives), "torch")
+    graph = lower(tg, plan, CostContext(mesh.axes, mesh.hardware_spec).collectives, module=False)
+    report = fuse(SimpleNamespace(graph=graph), "torch")  # finds the groups; replaces nothing
     if mesh.hardware_spec.name == "local":
         report["backend"], report["reason"] = choose_backend("cpu")
     else:

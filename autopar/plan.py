@@ -134,7 +134,7 @@ class Plan:
         Two ranks that made the same decisions have the same hash even though their solvers
         took different times.
         """
-        doc = json.loads(self.to_json())
+        doc = json.loads(json.dumps(self.to_dict(), sort_keys=True))  # as a saved plan reads back
         doc["solver"] = {k: v for k, v in doc["solver"].items() if not k.endswith("time_s")}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()
 

@@ -67,8 +67,9 @@ def _pl(d: dict, axes) -> tuple:
     return tuple(parse(d[a]) for a in axes)
 
 
-def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
-    """Build the lowered program from ``tg`` and the plan's per-node placements.
+def lower(tg: TracedGraph, plan, collectives_of, *, module: bool = True):
+    """Build the lowered program from ``tg`` and the plan's per-node placements (``module=False``:
+    its fx.Graph only, not compiled to Python, for reading it).
 
     ``collectives_of(src, dst, shape, itemsize)`` returns the predicted collectives of one
     redistribution (the same pure planner the cost model used).
@@ -181,7 +182,7 @@ def lower(tg: TracedGraph, plan, collectives_of) -> fx.GraphModule:
     for n, pls in placed.items():
         if pls is not None:
             n.meta[META_PLACED] = tuple(map(str, pls))
-    return fx.GraphModule(torch.nn.Module(), g)
+    return fx.GraphModule(torch.nn.Module(), g) if module else g
 
 
 RING_ATTENTION = "autopar.ring_attention"  # a local_call op by name: the executor binds it to codegen/ring.py

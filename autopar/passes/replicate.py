@@ -71,13 +71,14 @@ def _extended(model, container: str, n_blocks: int, args, kwargs):
     maps2 = dict(ep2.graph_signature.inputs_to_parameters), dict(ep2.graph_signature.inputs_to_buffers)
     check = extend(ep2.graph_module, *maps2, container, 3)
     maps3 = dict(ep3.graph_signature.inputs_to_parameters), dict(ep3.graph_signature.inputs_to_buffers)
-    if check is None or _describe(check[0], check[1], check[2]) != _describe(ep3.graph_module, *maps3):
+    if check is None or _describe(*check) != _describe(ep3.graph_module.graph, *maps3):
         return None
     full = extend(ep2.graph_module, *maps2, container, n_blocks)
     if full is None:
         return None
-    gm, params, buffers = full
-    return traced_graph(model, source, ep2, args, kwargs, gm=gm, params=params, buffers=buffers)
+    graph, params, buffers = full
+    return traced_graph(model, source, ep2, args, kwargs, gm=fx.GraphModule(ep2.graph_module, graph), params=params,
+                        buffers=buffers)
 
 
 def uniform_blocks(model: torch.nn.Module) -> tuple[str, list] | None:
@@ -149,7 +150,7 @@ def _name(base: str, count: int) -> str:
 
 
 def extend(gm: fx.GraphModule, params: dict, buffers: dict, container: str, n: int):
-    """(graph module, params, buffers) of ``gm``'s model with ``n`` blocks in ``container``
+    """(graph, params, buffers) of ``gm``'s model with ``n`` blocks in ``container``
     (module docstring), or None when the graph is not laid out as a chain of blocks."""
     block_re = re.compile(rf"^{re.escape(container)}\.(\d+)(?:\.|$)")
     owner = {**params, **buffers}
@@ -277,17 +278,17 @@ def extend(gm: fx.GraphModule, params: dict, buffers: dict, container: str, n: i
                 emit_placeholder_copies(runs[x])
     except _NotAChain:
         return None
-    return fx.GraphModule(gm, g), new_params, new_buffers
+    return g, new_params, new_buffers
 
 
 class _NotAChain(Exception):
     pass
 
 
-def _describe(gm: fx.GraphModule, params: dict, buffers: dict) -> list:
+def _describe(graph: fx.Graph, params: dict, buffers: dict) -> list:
     """What the extension must reproduce of an export, node by node."""
     out = []
-    for x in gm.graph.nodes:
+    for x in graph.nodes:
         val = x.meta.get("val")
         vals = val if isinstance(val, (tuple, list)) else (val,)
         stack = [p for p, _ in (x.meta.get("nn_module_stack") or {}).values()]

@@ -781,29 +781,28 @@ def _cpsat(
         coeffs = np.where(np.isfinite(r), np.rint(np.where(np.isfinite(r), r, 0) * scale), -1)
         coeffs = coeffs.astype(np.int64)
         if _LINEARISATION == "marginal":
-            ev = np.full(r.shape, -1, dtype=np.int64)
-            for i in range(r.shape[0]):
-                for j in range(r.shape[1]):
-                    if coeffs[i, j] >= 0:
-                        ev[i, j] = new_bool()
-                        n_pair_vars += 1
-                        pair_index.append((int(ev[i, j]), a, i, b, j))
-                        if coeffs[i, j] > 0:
-                            obj_vars.append(int(ev[i, j]))
-                            obj_coeffs.append(int(coeffs[i, j]))
+            rows, cols = r.shape
+            ev = [[-1] * cols for _ in range(rows)]
+            for i, crow in enumerate(coeffs.tolist()):
+                for j, c in enumerate(crow):
+                    if c >= 0:
+                        e = ev[i][j] = new_bool()
+                        pair_index.append((e, a, i, b, j))
+                        if c > 0:
+                            obj_vars.append(e)
+                            obj_coeffs.append(c)
                     else:
                         n_forbidden += 1
-            for i in range(r.shape[0]):
-                ct = proto.constraints.add()
-                lin = ct.linear
-                row = [int(e) for e in ev[i] if e >= 0]
+            n_pair_vars += rows * cols - sum(1 for crow in ev for e in crow if e < 0)
+            for i in range(rows):
+                row = [e for e in ev[i] if e >= 0]
+                lin = proto.constraints.add().linear
                 lin.vars.extend(row + [xa[i]])
                 lin.coeffs.extend([1] * len(row) + [-1])
                 lin.domain.extend([0, 0])
-            for j in range(r.shape[1]):
-                ct = proto.constraints.add()
-                lin = ct.linear
-                col = [int(e) for e in ev[:, j] if e >= 0]
+            for j in range(cols):
+                col = [ev[i][j] for i in range(rows) if ev[i][j] >= 0]
+                lin = proto.constraints.add().linear
                 lin.vars.extend(col + [xb[j]])
                 lin.coeffs.extend([1] * len(col) + [-1])
                 lin.domain.extend([0, 0])
