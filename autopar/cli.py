@@ -1182,5 +1182,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The ``autopar`` command: ``main``, then exit without tearing the interpreter down (freeing
+    a traced 32-layer graph object by object takes about a second; the plan is written by then)."""
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

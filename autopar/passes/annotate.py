@@ -64,8 +64,8 @@ from ..cost_models.profile import op_call, op_class
 from ..placements import REPLICATE, Placement, local_shape, shard
 from ..solvers.intra_op import ShardingProblem
 from .moe import MOE_OP
-from .strategies import (OWN_RULES, SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, moe_a2a_axes, moe_roles,
-                         op_name, outputs_meta, redistribute_steps, tensor_candidates, tensor_inputs)
+from .strategies import (OWN_RULES, SKIP_OPS, VIEW_OPS, Strategy, StrategyEnumerator, greedy_steps, moe_a2a_axes,
+                         moe_roles, op_name, outputs_meta, tensor_candidates, tensor_inputs)
 from .joint import source_of
 from .trace import TracedGraph
 
@@ -155,7 +155,6 @@ class CostContext:
         self._op_links = tuple({op: hw.link_for(op, link) for op in ops} if link == hw.intra_node else link
                                for link in (self.links[a] for a in axes))
         self._cache: dict = {}
-        self._steps: dict = {}
 
     def collectives(self, src: tuple, dst: tuple, shape: tuple, itemsize: int) -> tuple:
         if src == dst:
@@ -167,11 +166,7 @@ class CostContext:
         return hit
 
     def _price(self, src, dst, shape, itemsize):
-        # DTensor's greedy plan (default shard order) depends on the placements, not the sizes
-        steps = self._steps.get((src, dst, len(shape)))
-        if steps is None:
-            steps = self._steps[src, dst, len(shape)] = tuple(
-                (dim, a, b) for dim, a, b, _ in redistribute_steps(self.axes, src, dst, shape, itemsize))
+        steps = greedy_steps(self.axis_sizes, src, dst)  # DTensor's own steps, in its order
         priced = price_steps(steps, src, shape, itemsize, tuple(self.axes.items()), self._op_links, self.a2a_as_all_gather)
         # what a step pays per collective beyond its link time (profiled: DTensor, waking the ranks)
         a, b = self.overhead("collective_s"), self.overhead("collective_s_per_byte")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -29,7 +30,12 @@ def moe_entry(layer, s, axes, params: dict) -> dict:
 
 
 def _pl_dict(axes, pl) -> dict | None:
-    return None if pl is None else {a: str(p) for a, p in zip(axes, pl)}
+    return None if pl is None else dict(_pl_items(tuple(axes), pl))
+
+
+@functools.lru_cache(maxsize=4096)
+def _pl_items(axes: tuple, pl: tuple) -> tuple:
+    return tuple((a, str(p)) for a, p in zip(axes, pl))
 
 
 def _coll(c, phase, tensor, node, src, dst, axes) -> dict:

@@ -18,6 +18,7 @@ A dim is never sharded unless the product of the axis sizes sharding it divides 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -104,6 +105,32 @@ def _dt():
     return DTensor._op_dispatcher.sharding_propagator
 
 
+_COST_MODULES = ("torch.distributed.tensor._ops.utils", "torch.distributed.tensor._collective_utils",
+                 "torch.distributed.tensor._utils")
+
+
+@contextlib.contextmanager
+def _without_dtensor_costs():
+    """DTensor's rules price every (input candidate, strategy) pair for their own use; autopar
+    prices redistributions itself (annotate.CostContext), so those prices are skipped: on a 3-D
+    mesh they are most of the rules' time. The strategies a rule returns are the same."""
+    import sys
+
+    mods = [m for m in (sys.modules.get(n) for n in _COST_MODULES) if m is not None and hasattr(m, "redistribute_cost")]
+    saved = [m.redistribute_cost for m in mods]
+    for m in mods:
+        m.redistribute_cost = _zero_cost
+    try:
+        yield
+    finally:
+        for m, f in zip(mods, saved):
+            m.redistribute_cost = f
+
+
+def _zero_cost(src_spec, dst_spec) -> float:
+    return 0.0
+
+
 def redistribute_steps(axes: dict[str, int], src: Pl, dst: Pl, shape: tuple, itemsize: int) -> list[tuple]:
     """The steps DTensor takes to move a tensor from ``src`` to ``dst`` placements, in its order:
     ``[(axis index, from placement, to placement, logical shape on that axis), ...]``.
@@ -121,6 +148,33 @@ def redistribute_steps(axes: dict[str, int], src: Pl, dst: Pl, shape: tuple, ite
                                  DTensorSpec(mesh, tuple(map(to_dtensor_placement, dst)), meta))
     return [(i.mesh_dim, from_dtensor_placement(i.src_dst_placements[0]), from_dtensor_placement(i.src_dst_placements[1]),
              tuple(int(x) for x in i.logical_shape)) for i in infos]
+
+
+def greedy_steps(axis_sizes: tuple, src: Pl, dst: Pl) -> tuple:
+    """``redistribute_steps`` without shapes, ``((axis index, from, to), ...)``, by DTensor's greedy
+    rule (the one it takes for placements in default shard order): when anything is sharded,
+    inner to outer axes first, an axis whose target shards a tensor dim that the outer axes shard
+    differently in source and target is replicated first (nested sharding); then outer to inner,
+    every axis still differing moves to its target. tests/passes/test_costs.py checks it against
+    DTensor on every placement pair of 1-, 2- and 3-D meshes."""
+    if len(src) == 1:
+        return ((0, src[0], dst[0]),) if src[0] != dst[0] else ()
+    cur, out = list(src), []
+    if math.prod(n for p, n in zip(src, axis_sizes) if p.is_shard) > 1:
+        for d in reversed(range(len(cur))):
+            target = dst[d]
+            if target.is_shard:
+                k = target.dim
+                if [i for i in range(d) if cur[i] == shard(k)] != [i for i in range(d) if dst[i] == shard(k)]:
+                    target = REPLICATE
+            if cur[d] != target:
+                out.append((d, cur[d], target))
+                cur[d] = target
+    for d in range(len(cur)):
+        if cur[d] != dst[d]:
+            out.append((d, cur[d], dst[d]))
+            cur[d] = dst[d]
+    return tuple(out)
 
 
 _MESHES: dict[tuple, object] = {}
@@ -323,7 +377,8 @@ class StrategyEnumerator:
             return result.strategies
 
         try:
-            specs = rule()
+            with _without_dtensor_costs():
+                specs = rule()
         except Exception:
             # A rule that rejects one input placement (a view that would unflatten a dim sharded
             # unevenly) rejects the whole candidate list: ask again one placement at a time.
@@ -333,7 +388,8 @@ class StrategyEnumerator:
             for pl in every:
                 cands[ins[0]] = [pl]
                 try:
-                    specs.extend(rule())
+                    with _without_dtensor_costs():
+                        specs.extend(rule())
                 except Exception:
                     continue
             if not specs:

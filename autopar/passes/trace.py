@@ -14,6 +14,7 @@ graph for inspection and for counting backward work.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import re
 import sys
@@ -105,6 +106,11 @@ def _addmm_as_mm_plus_bias(bias, mat1, mat2, beta=1, alpha=1):
 
 
 def _decomposition_table():
+    return dict(_decompositions())
+
+
+@functools.lru_cache(maxsize=1)
+def _decompositions():
     from torch._decomp import core_aten_decompositions
 
     table = core_aten_decompositions()

@@ -26,3 +26,22 @@ def test_calibrated_collectives_are_priced_with_their_own_fit(tmp_path):
     assert plain.time((shard(0),), (R,), shape, item) < g.time_s
     # collectives without a fit keep the preset's link
     assert calibrated.time((partial(),), (R,), shape, item) == plain.time((partial(),), (R,), shape, item)
+
+
+def test_greedy_steps_are_dtensors_steps_on_every_placement_pair():
+    """The cost model's redistribution steps (strategies.greedy_steps) equal what DTensor plans,
+    for every pair of placements over R, P(sum), S(0), S(1) on 1-, 2- and 3-D meshes."""
+    import itertools
+
+    from autopar.passes.strategies import greedy_steps, redistribute_steps
+
+    options = [R, partial(), shard(0), shard(1)]
+    for sizes in ((4,), (2, 4), (2, 2, 2)):
+        axes = {f"a{i}": n for i, n in enumerate(sizes)}
+        pls = list(itertools.product(options, repeat=len(sizes)))
+        checked = 0
+        for src, dst in itertools.product(pls, pls):
+            ref = tuple((d, a, b) for d, a, b, _ in redistribute_steps(axes, src, dst, (8, 8), 4))
+            assert greedy_steps(sizes, src, dst) == ref, (sizes, src, dst)
+            checked += 1
+        assert checked == len(pls) ** 2
