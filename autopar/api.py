@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from types import SimpleNamespace
@@ -30,7 +31,8 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
          time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None, op_profile="auto",
          pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
          context_parallel: str = "auto", sequence_parallel: bool | None = None, capacity_factor: float | None = None,
-         routing=None, expert_parallel: bool | None = None, traced=None, compression=None):
+         routing=None, expert_parallel: bool | None = None, traced=None, compression=None,
+         fusion_preview: bool = True):
     """Plan ``model`` on ``mesh`` without running anything; works on the ``meta`` device.
 
     ``pins`` fixes placements the solver must keep: ``{"blocks.*.fc1.weight": "S(0)"}`` (fnmatch
@@ -57,7 +59,8 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     the plan place experts on devices by their measured load and inter-layer traffic.
     ``expert_parallel=False`` forbids the all-to-all (the pure DP x TP x PP plan), ``True`` demands it.
     ``traced``: ``passes.trace.trace(model, example_inputs, example_kwargs)``, when planning one
-    model on several meshes (it is traced once).
+    model on several meshes (it is traced once); ``fusion_preview=False`` leaves ``plan.fusion``
+    empty (a mesh search previews the kernels of the mesh it picks only: ``preview_fusion``).
     ``compression`` compresses data-parallel gradient all-reduces (autopar/compression.py):
     ``"auto"`` lets the solver choose each gradient's method (none, int8, top-k, PowerSGD) to
     minimise the communication the backward pass cannot hide, within a relative L2 error budget
@@ -92,7 +95,8 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
                        context_parallel=context_parallel, sequence_parallel=sequence_parallel,
                        capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
                        compression=compression, model=model)
-    plan.fusion = _fusion_preview(tg, plan, mesh)
+    if fusion_preview:
+        plan.fusion = preview_fusion(tg, plan, mesh)
     return plan
 
 
@@ -169,16 +173,16 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     prof = _op_profile(op_profile, hw)
     if prof is not None:
         progress(f"costing ops with the profile {prof.path} ({len(prof.ops)} measured op calls)")
+    limit = memory_limit_bytes if memory_limit_bytes is not None else hw.memory_capacity_bytes
     an = annotate(tg, mesh.axes, hw, mode, trainable=trainable, joint=joint, profile=prof, pins=pins,
                   optimizer=optimizer, context_parallel=context_parallel, sequence_parallel=sequence_parallel,
-                  expert_parallel=expert_parallel)
+                  expert_parallel=expert_parallel, memory_limit=limit if math.isfinite(limit) else None)
     an.warnings.extend(warnings)
     n_strats = sum(len(s) for s in an.strategies)
     progress(f"annotated {len(an.nodes)} decision nodes, {n_strats} strategies, {len(an.edges)} edges "
              f"in {time.perf_counter() - t0:.1f} s")
     for w in an.warnings:
         progress(f"warning: {w}")
-    limit = memory_limit_bytes if memory_limit_bytes is not None else hw.memory_capacity_bytes
     # identical layers take identical strategies: one representative each is solved (exact over
     # such tied choices, inter-layer edges included; solvers.intra_op.fold_copies)
     copies = an.repeated_layers() if os.environ.get("AUTOPAR_NO_DEDUP") != "1" else None
@@ -209,7 +213,7 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     return plan
 
 
-def _fusion_preview(tg, plan, mesh: Mesh) -> dict:
+def preview_fusion(tg, plan, mesh: Mesh) -> dict:
     """The fused kernels the per-rank program will have (codegen/fusion.py), for a plan made
     offline: Triton on a GPU preset; on this machine's own preset, what compile would choose."""
     from .codegen.fusion import choose_backend, fuse

@@ -856,7 +856,8 @@ def cmd_plan(args) -> int:
                 continue
             _progress(f"planning mesh {fmt_mesh(axes)}")
             try:
-                p = make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, traced=traced, **options)
+                p = make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, traced=traced,
+                              fusion_preview=False, **options)
                 tried.append((axes, p, None))
             except InfeasibleError as e:
                 tried.append((axes, None, e.explanation))
@@ -877,6 +878,10 @@ def cmd_plan(args) -> int:
             reasons = "; ".join(f"{fmt_mesh(axes)}: {why}" for axes, _, why in tried)
             raise InfeasibleError(f"no mesh of {args.devices} devices is feasible for {args.model}: {reasons}")
         axes, result = min(feasible, key=lambda x: x[1].step_time_s)
+        if result.pipeline is None:  # pipelined programs are not fused (yet)
+            from .api import preview_fusion
+
+            result.fusion = preview_fusion(traced, result, Mesh(axes, hardware=args.hardware))
         print(f"chosen mesh: {fmt_mesh(axes)} (fastest feasible)\n")
 
     sys.stdout.write(render_text(inspect_sections(result)))

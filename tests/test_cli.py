@@ -362,3 +362,17 @@ def test_inspect_reports_the_optimality_gap_and_tied_layers():
          "repeated_layers": 3}
     assert _gap(s) == "; 3 repeated layers tied, 10 -> 5 nodes; optimality gap <= 5.00% (proven bound 1.900 s)"
     assert _gap({"status": "OPTIMAL", "cp_objective_s": 2.0, "cp_bound_s": 2.0}) == ""
+
+
+def test_mesh_search_plans_every_mesh_and_keeps_the_fastest(capsys, tmp_path):
+    from autopar import Plan
+
+    out = tmp_path / "plan.json"
+    code, text, err = run_cli(capsys, "plan", "tiny-llama", "--devices", "4", "--hardware", "h100-sxm", "--out", str(out))
+    assert code == 0, err
+    assert "Meshes for 4 devices" in text and "chosen mesh:" in text
+    assert sum(1 for line in text.splitlines() if line.rstrip().endswith("feasible")) >= 3  # dp=4, dp=2,tp=2, tp=4, ...
+    plan = Plan.load(out)
+    chosen = text.split("chosen mesh: ")[1].split(" ")[0]
+    assert dict((a, int(n)) for a, n in (x.split("=") for x in chosen.split(","))) == plan.mesh
+    assert plan.pipeline is not None or plan.fusion is not None  # the chosen mesh's kernels are previewed

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-BUDGET = 13600  # lines of Python in autopar/, blank lines and comments included (6000 until issue 3 added
+BUDGET = 13700  # lines of Python in autopar/, blank lines and comments included (6000 until issue 3 added
 # profiled ops, segmented collective fits and the memory model; 7500 until issue 4 added pipelined
 # execution, four schedules in the stage solver and their pass-by-pass simulation; 8500 until issue 5
 # added ring attention with its own backward, the Triton block kernel, Megatron-SP/CP strategies and
@@ -12,7 +12,9 @@ BUDGET = 13600  # lines of Python in autopar/, blank lines and comments included
 # pass with its Triton code generator, the int8/top-k/PowerSGD compressors with their quantize
 # kernels, calibration and the per-layer compression ILP, about 1,600 lines; 13200 until issue 8's
 # repeated-layer fold, annotation memo and mesh-search memory floor, about 100 lines; 13300 until
-# issue 8's tracing of deep models from 2- and 3-block exports, passes/replicate.py, about 300 lines)
+# issue 8's tracing of deep models from 2- and 3-block exports, passes/replicate.py, about 300 lines;
+# 13600 until issue 8's planning-speed work: DTensor's greedy redistribution rule on placements,
+# its rules without their own pricing, the memory floor before edges, about 60 lines)
 
 
 def test_core_fits_its_line_budget():

@@ -252,8 +252,11 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
              trainable: set[str] | None = None, joint: dict | None = None, profile=None,
              collect: bool = False, pins: dict | None = None, optimizer: str = "adamw",
              context_parallel: str = "auto", sequence_parallel: bool | None = None,
-             expert_parallel: bool | None = None) -> Annotated:
+             expert_parallel: bool | None = None, memory_limit: float | None = None) -> Annotated:
     """Enumerate strategies for every decision node and cost every node and edge.
+
+    ``memory_limit`` (bytes per device): raise ``InfeasibleError`` as soon as the nodes' smallest
+    strategies exceed it, before pricing the edges (a mesh search skips such meshes quickly).
 
     ``pins`` ({pattern: placement}) fixes the placement of the parameters (by FQN) and graph
     nodes (by name) that match the fnmatch pattern (see ``_apply_pins``).
@@ -373,6 +376,10 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
     saves = _saved_charges(nodes, kind, edges, grad_of, train)
     node_mem = [np.array([_node_memory(node, kind[v], s, ctx, train, grad_of[v], saves[v], optimizer)
                           for s in strategies[v]], dtype=float) for v, node in enumerate(nodes)]
+    if memory_limit is not None:  # a mesh nothing fits on is refused before its edges are priced
+        from ..solvers.intra_op import check_memory_floor
+
+        check_memory_floor(node_cost, node_mem, [n.name for n in nodes], memory_limit)
 
     # A gradient that several consumers send back to one tensor is summed locally and reduced
     # once, so each of those edges pays an equal share of the backward collective.

@@ -936,6 +936,19 @@ def _fmt_bytes(b: float) -> str:
     return f"{b / _GB:.2f} GB ({b:.0f} bytes)"
 
 
+def check_memory_floor(node_costs, node_memory, names, limit: float) -> None:
+    """InfeasibleError (the message ``solve`` would give) when Σ_v min_i m_v,i over allowed
+    strategies exceeds ``limit``: a test on the nodes alone, before any edge is priced."""
+    floor = 0.0
+    for c, m in zip(node_costs, node_memory):
+        ok = np.isfinite(np.asarray(c, dtype=np.float64))
+        floor += float(np.asarray(m, dtype=np.float64)[ok].min()) if ok.any() else 0.0
+    if floor > limit:
+        p = ShardingProblem(node_costs=node_costs, node_memory=node_memory, edges=[], edge_costs=[],
+                            memory_limit=limit, names=names)
+        raise InfeasibleError(_memory_message(p, limit, "memory limit cannot be met"))
+
+
 def _memory_message(p: ShardingProblem, limit: float, lead: str) -> str:
     mins = []
     for v in range(p.num_nodes):
