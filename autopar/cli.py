@@ -757,6 +757,9 @@ PP_SIZES = (1, 2, 4, 8, 16)  # pipeline depths the --devices search tries
 CP_SIZES = (1, 2, 4, 8)  # context-parallel degrees the --devices search tries for long sequences
 CP_MIN_SEQ = 16384  # from this sequence length on, the --devices search also tries cp
 EP_SIZES = (2, 4, 8, 16, 32, 64)  # for MoE models, the expert-parallel degrees the --devices search tries (dividing the experts)
+# Without --time-limit the search solves each mesh for SEARCH_TIME_LIMIT_S, then solves again the
+# REFINE fastest meshes whose solve stopped short of optimal, with the full default limit.
+SEARCH_TIME_LIMIT_S, REFINE = 3.0, 2
 
 
 def _state_floor(model, optimizer: str) -> float:
@@ -857,7 +860,7 @@ def cmd_plan(args) -> int:
             _progress(f"planning mesh {fmt_mesh(axes)}")
             try:
                 p = make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, traced=traced,
-                              fusion_preview=False, **options)
+                              fusion_preview=False, **{"time_limit_s": SEARCH_TIME_LIMIT_S, **options})
                 tried.append((axes, p, None))
             except InfeasibleError as e:
                 tried.append((axes, None, e.explanation))
@@ -877,6 +880,13 @@ def cmd_plan(args) -> int:
         if not feasible:
             reasons = "; ".join(f"{fmt_mesh(axes)}: {why}" for axes, _, why in tried)
             raise InfeasibleError(f"no mesh of {args.devices} devices is feasible for {args.model}: {reasons}")
+        feasible.sort(key=lambda x: x[1].step_time_s)
+        if "time_limit_s" not in options:  # solve the front runners to the full default limit
+            for k, (axes, p) in enumerate(feasible[:REFINE]):
+                if p.solver.get("status") != "OPTIMAL":
+                    _progress(f"solving mesh {fmt_mesh(axes)} again without the search's {SEARCH_TIME_LIMIT_S:g} s limit")
+                    feasible[k] = (axes, make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs,
+                                                   traced=traced, fusion_preview=False, **options))
         axes, result = min(feasible, key=lambda x: x[1].step_time_s)
         if result.pipeline is None:  # pipelined programs are not fused (yet)
             from .api import preview_fusion
@@ -1073,7 +1083,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--batch", type=int, help="batch size (presets only)")
     p.add_argument("--seq", type=int, help="sequence length (presets only)")
-    p.add_argument("--time-limit", type=float, help="solver time limit per plan, seconds")
+    p.add_argument("--time-limit", type=float, help="solver time limit per plan, seconds (default 20; a --devices "
+                   f"search uses {SEARCH_TIME_LIMIT_S:g} per mesh, then 20 for the {REFINE} fastest)")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer whose state counts in memory")
     p.add_argument("--context-parallel", choices=["auto", "ring", "ulysses"], default="auto",
                    help="attention on a cp axis: the solver's choice per layer (auto), ring attention or Ulysses")
