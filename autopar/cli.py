@@ -747,8 +747,12 @@ def _delta(va: float | None, vb: float | None) -> str:
 # ---- plan --------------------------------------------------------------------------------------
 
 
+_QUIET = {"on": False}  # set per command by main() from --quiet
+
+
 def _progress(*args: Any, **_: Any) -> None:
-    print("autopar:", *args, file=sys.stderr, flush=True)
+    if not _QUIET["on"]:
+        print("autopar:", *args, file=sys.stderr, flush=True)
 
 
 PP_SIZES = (1, 2, 4, 8, 16)  # pipeline depths the --devices search tries
@@ -1083,6 +1087,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--batch", type=int, help="batch size (presets only)")
     p.add_argument("--seq", type=int, help="sequence length (presets only)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr (errors still print)")
     p.add_argument("--time-limit", type=float, help="solver time limit per plan, seconds (default 20; a --devices "
                    f"search uses {SEARCH_TIME_LIMIT_S:g} per mesh, then 20 for the {REFINE} fastest)")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer whose state counts in memory")
@@ -1187,6 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
+    _QUIET["on"] = bool(getattr(args, "quiet", False))
     try:
         if args.command == "run":
             if extra[:1] == ["--"]:

@@ -376,3 +376,13 @@ def test_mesh_search_plans_every_mesh_and_keeps_the_fastest(capsys, tmp_path):
     chosen = text.split("chosen mesh: ")[1].split(" ")[0]
     assert dict((a, int(n)) for a, n in (x.split("=") for x in chosen.split(","))) == plan.mesh
     assert plan.pipeline is not None or plan.fusion is not None  # the chosen mesh's kernels are previewed
+
+
+def test_plan_quiet_prints_no_progress(capsys):
+    code, out, err = run_cli(capsys, "plan", "tiny-llama", "--mesh", "tp=2", "--hardware", "h100-sxm")
+    assert code == 0 and "autopar: traced" in err and "autopar: solved" in err
+    code, quiet_out, quiet_err = run_cli(capsys, "plan", "tiny-llama", "--mesh", "tp=2", "--hardware", "h100-sxm", "-q")
+    assert code == 0 and "autopar:" not in quiet_err
+    assert quiet_out.split("solver")[0] == out.split("solver")[0]  # the same plan (and plan hash) is printed
+    code, _, err = run_cli(capsys, "plan", "nope", "--mesh", "tp=2", "--quiet")
+    assert code == 1 and "unknown model" in err  # errors still print
