@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from types import SimpleNamespace
 
 import torch.nn as nn
 
@@ -221,7 +220,7 @@ def preview_fusion(tg, plan, mesh: Mesh) -> dict:
     from .passes.annotate import CostContext
 
     graph = lower(tg, plan, CostContext(mesh.axes, mesh.hardware_spec).collectives, module=False)
-    report = fuse(SimpleNamespace(graph=graph), "torch")  # finds the groups; replaces nothing
+    report = fuse(graph, "torch")  # finds the groups; replaces nothing
     if mesh.hardware_spec.name == "local":
         report["backend"], report["reason"] = choose_backend("cpu")
     else:

@@ -854,6 +854,10 @@ def cmd_plan(args) -> int:
             ep_sizes = (1,)
         floor = _state_floor(model, args.optimizer)
         capacity = load_hardware(args.hardware).memory_capacity_bytes
+
+        def plan_on(axes, **limit):
+            return make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, traced=traced,
+                             fusion_preview=False, **{**limit, **options})
         for axes in candidate_meshes(args.devices, per_node, PP_SIZES, cp_sizes, ep_sizes):
             split = axes.get("tp", 1) * axes.get("pp", 1) * axes.get("ep", 1)
             if floor / split > capacity:  # parameters are replicated on dp and cp: no layout can fit
@@ -863,8 +867,7 @@ def cmd_plan(args) -> int:
                 continue
             _progress(f"planning mesh {fmt_mesh(axes)}")
             try:
-                p = make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, traced=traced,
-                              fusion_preview=False, **{"time_limit_s": SEARCH_TIME_LIMIT_S, **options})
+                p = plan_on(axes, time_limit_s=SEARCH_TIME_LIMIT_S)
                 tried.append((axes, p, None))
             except InfeasibleError as e:
                 tried.append((axes, None, e.explanation))
@@ -889,8 +892,7 @@ def cmd_plan(args) -> int:
             for k, (axes, p) in enumerate(feasible[:REFINE]):
                 if p.solver.get("status") != "OPTIMAL":
                     _progress(f"solving mesh {fmt_mesh(axes)} again without the search's {SEARCH_TIME_LIMIT_S:g} s limit")
-                    feasible[k] = (axes, make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs,
-                                                   traced=traced, fusion_preview=False, **options))
+                    feasible[k] = (axes, plan_on(axes))
         axes, result = min(feasible, key=lambda x: x[1].step_time_s)
         if result.pipeline is None:  # pipelined programs are not fused (yet)
             from .api import preview_fusion

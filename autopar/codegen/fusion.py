@@ -295,9 +295,9 @@ def _depends(x: fx.Node, g: Group, pos: dict) -> bool:
     return False
 
 
-def find_groups(gm: fx.GraphModule) -> list[Group]:
+def find_groups(lowered: fx.GraphModule | fx.Graph) -> list[Group]:
     """The fusible groups of a lowered graph (module docstring), in graph order; pure analysis."""
-    nodes = list(gm.graph.nodes)
+    nodes = list((lowered.graph if isinstance(lowered, fx.GraphModule) else lowered).nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     owner: dict[fx.Node, Group] = {}
     groups: list[Group] = []
@@ -566,9 +566,12 @@ def choose_backend(device_type: str) -> tuple[str, str]:
     return "torch", f"no CUDA device ({device_type}): the unfused torch ops run"
 
 
-def fuse(gm: fx.GraphModule, backend: str, reason: str = "") -> dict:
+def fuse(gm: fx.GraphModule | fx.Graph, backend: str, reason: str = "") -> dict:
     """Find the groups; unless ``backend`` is "torch", replace each by one fused ``local_call``
-    (in place). Returns the plan's JSON record of the kernels, deduplicated by source hash."""
+    (in place; that needs the GraphModule, to recompile it). Returns the plan's JSON record of the
+    kernels, deduplicated by source hash."""
+    if backend != "torch" and not isinstance(gm, fx.GraphModule):
+        raise TypeError("fuse replaces groups in a GraphModule (and recompiles it); a bare Graph is only analysed")
     kernels: dict[str, dict] = {}
     moved: dict[fx.Node, fx.Node] = {}  # an earlier group's output -> the node that now holds it
     for g in find_groups(gm):

@@ -134,7 +134,7 @@ class CostContext:
     """Shared, cached cost queries for one mesh on one hardware preset.
 
     A redistribution is priced step by step (``cost_models.comm.price_steps``) in the order and
-    with the intermediate placements DTensor executes it (``strategies.redistribute_steps``).
+    with the intermediate placements DTensor executes it (``strategies.greedy_steps``).
     Backends without all-to-all (gloo) run it as an all-gather, and are priced so.
     """
 

@@ -11,7 +11,7 @@ import numpy as np
 from ..placements import local_shape
 from .annotate import Annotated, attention_scheme, gathers, grad_placements, moe_row_share
 from .moe import MOE_OP
-from .strategies import VIEW_OPS, moe_a2a_axes, moe_roles, op_name, outputs_meta, redistribute_steps
+from .strategies import VIEW_OPS, greedy_steps, moe_a2a_axes, moe_roles, op_name, outputs_meta
 
 
 def moe_layout(s, axes) -> str:
@@ -302,7 +302,7 @@ def _local_alternatives(an: Annotated, v: int, choice: list[int], edges_at_v) ->
 
 def _gathered(ctx, src, dst, shape) -> int:
     """Size of a redistribution's output storage over its local size (see ``_memory``)."""
-    steps = redistribute_steps(ctx.axes, src, dst, shape, 4) if ctx.a2a_as_all_gather else ()
+    steps = greedy_steps(ctx.axis_sizes, src, dst) if ctx.a2a_as_all_gather else ()
     if steps and steps[-1][1].kind == steps[-1][2].kind == "S":
         a, e = steps[-1][0], steps[-1][2].dim % len(shape)
         if math.prod(local_shape(tuple(shape), dst, ctx.axis_sizes)[:e]) == 1:

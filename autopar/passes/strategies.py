@@ -135,7 +135,8 @@ def redistribute_steps(axes: dict[str, int], src: Pl, dst: Pl, shape: tuple, ite
     """The steps DTensor takes to move a tensor from ``src`` to ``dst`` placements, in its order:
     ``[(axis index, from placement, to placement, logical shape on that axis), ...]``.
 
-    The cost model prices exactly these steps, so predicted collectives are the ones that run.
+    The cost model prices these steps (as ``greedy_steps``, which restates DTensor's rule on
+    autopar's placements and is checked against this), so predicted collectives are the ones that run.
     """
     from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
     from torch.distributed.tensor._redistribute import _gen_transform_infos

@@ -787,13 +787,13 @@ def _cpsat(
                 for j, c in enumerate(crow):
                     if c >= 0:
                         e = ev[i][j] = new_bool()
+                        n_pair_vars += 1
                         pair_index.append((e, a, i, b, j))
                         if c > 0:
                             obj_vars.append(e)
                             obj_coeffs.append(c)
                     else:
                         n_forbidden += 1
-            n_pair_vars += rows * cols - sum(1 for crow in ev for e in crow if e < 0)
             for i in range(rows):
                 row = [e for e in ev[i] if e >= 0]
                 lin = proto.constraints.add().linear
@@ -936,25 +936,29 @@ def _fmt_bytes(b: float) -> str:
     return f"{b / _GB:.2f} GB ({b:.0f} bytes)"
 
 
+def _memory_range(p: ShardingProblem, v: int) -> tuple[float, float] | None:
+    """(least, most) memory of node v's allowed (finite-cost) strategies; None if it has none."""
+    m = np.asarray(p.node_memory[v], dtype=np.float64)
+    ok = np.isfinite(np.asarray(p.node_costs[v], dtype=np.float64))
+    return (float(m[ok].min()), float(m[ok].max())) if ok.any() else None
+
+
 def check_memory_floor(node_costs, node_memory, names, limit: float) -> None:
     """InfeasibleError (the message ``solve`` would give) when Σ_v min_i m_v,i over allowed
-    strategies exceeds ``limit``: a test on the nodes alone, before any edge is priced."""
-    floor = 0.0
-    for c, m in zip(node_costs, node_memory):
-        ok = np.isfinite(np.asarray(c, dtype=np.float64))
-        floor += float(np.asarray(m, dtype=np.float64)[ok].min()) if ok.any() else 0.0
-    if floor > limit:
-        p = ShardingProblem(node_costs=node_costs, node_memory=node_memory, edges=[], edge_costs=[],
-                            memory_limit=limit, names=names)
+    strategies exceeds ``limit``: a test on the nodes alone, before any edge is priced. A node
+    with no allowed strategy counts 0 here; ``solve`` explains it."""
+    p = ShardingProblem(node_costs=node_costs, node_memory=node_memory, edges=[], edge_costs=[],
+                        memory_limit=limit, names=names)
+    spans = [_memory_range(p, v) for v in range(p.num_nodes)]
+    if math.fsum(span[0] for span in spans if span) > limit:
         raise InfeasibleError(_memory_message(p, limit, "memory limit cannot be met"))
 
 
 def _memory_message(p: ShardingProblem, limit: float, lead: str) -> str:
     mins = []
     for v in range(p.num_nodes):
-        m = np.asarray(p.node_memory[v], dtype=np.float64)
-        ok = np.isfinite(np.asarray(p.node_costs[v], dtype=np.float64))
-        mins.append(float(m[ok].min()) if ok.any() else float(m.min()))
+        span = _memory_range(p, v)  # a node with no allowed strategy: its least of all
+        mins.append(span[0] if span else float(np.min(p.node_memory[v])))
     need = math.fsum(mins)
     order = sorted(range(p.num_nodes), key=lambda v: (-mins[v], v))[:5]
     top = ", ".join(f"{p.name(v)} {mins[v] / _GB:.2f} GB" for v in order if mins[v] > 0)
@@ -1151,12 +1155,11 @@ def solve(
     if limit is not None:
         los, his = [], []
         for v in range(n):
-            m = np.asarray(problem.node_memory[v], dtype=np.float64)
-            ok = np.isfinite(np.asarray(problem.node_costs[v], dtype=np.float64))
-            if not ok.any():
+            span = _memory_range(problem, v)
+            if span is None:
                 raise InfeasibleError(_explain(problem))
-            los.append(float(m[ok].min()))
-            his.append(float(m[ok].max()))
+            los.append(span[0])
+            his.append(span[1])
         lo, hi = math.fsum(los), math.fsum(his)
         if lo > limit:
             raise InfeasibleError(_memory_message(problem, limit, "memory limit cannot be met"))
