@@ -356,7 +356,7 @@ def test_mesh_search_skips_meshes_whose_state_cannot_fit():
 
 
 def test_inspect_reports_the_optimality_gap_and_tied_layers():
-    from autopar.cli import _gap
+    from autopar.report import _gap
 
     s = {"status": "FEASIBLE", "cp_objective_s": 2.0, "cp_bound_s": 1.9, "nodes_in": 10, "folded_nodes": 5,
          "repeated_layers": 3}

@@ -1,0 +1,548 @@
+"""What a plan says, laid out for people: the tables of ``autopar inspect``, the pipeline timeline,
+and the self-contained HTML report. Pure functions of a :class:`autopar.plan.Plan`; the CLI
+(autopar/cli.py) prints or writes what they return.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .mesh import AXIS_ORDER
+from .plan import Plan, format_bytes, format_seconds
+
+# ---- tables ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    """One table of a report, rendered either as aligned text or as HTML."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    right: set[int] = field(default_factory=set)  # indexes of right-aligned (numeric) columns
+    notes: list[str] = field(default_factory=list)
+
+
+def render_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: list[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def render_text(sections: list[Section]) -> str:
+    parts = []
+    for s in sections:
+        block = [s.title, "=" * len(s.title)]
+        if s.headers:
+            block.append(render_table(s.headers, s.rows, s.right) if s.rows else "(none)")
+        block.extend(s.notes)
+        parts.append("\n".join(block))
+    return "\n\n".join(parts) + "\n"
+
+
+# ---- plan helpers ------------------------------------------------------------------------------
+
+
+def fmt_placements(pl: dict[str, str] | list | None) -> str:
+    """``{"tp": "S(0)", "dp": "R"}`` -> ``"dp=R tp=S(0)"`` (axes outer to inner)."""
+    if pl is None:
+        return "-"
+    if isinstance(pl, list):
+        return "; ".join(fmt_placements(p) for p in pl)
+    rank = {a: i for i, a in enumerate(AXIS_ORDER)}
+    return " ".join(f"{a}={pl[a]}" for a in sorted(pl, key=lambda a: rank.get(a, len(rank)))) or "-"
+
+
+def fmt_transition(c: dict) -> str:
+    if c.get("src") is None and c.get("dst") is None:
+        return "-"
+    return f"{fmt_placements(c.get('src'))} -> {fmt_placements(c.get('dst'))}"
+
+
+COLLECTIVE_HEADERS = ["phase", "op", "axis", "tensor", "consumer", "src -> dst", "bytes", "time"]
+
+
+def collective_row(c: dict) -> list[str]:
+    """One collective as a table row, in COLLECTIVE_HEADERS order."""
+    return [str(c.get("phase") or "-"), c["op"], c["axis"], str(c.get("tensor") or "-"), str(c.get("node") or "-"),
+            fmt_transition(c), format_bytes(c["bytes"]), format_seconds(c["time_s"])]
+
+
+def fmt_mesh(mesh: dict[str, int]) -> str:
+    return ",".join(f"{a}={n}" for a, n in mesh.items())
+
+
+def fmt_shape(shape: Any) -> str:
+    if shape is None:
+        return "-"
+    if isinstance(shape, list) and shape and all(isinstance(x, list) or x is None for x in shape):
+        return "; ".join(fmt_shape(s) for s in shape)
+    return "(" + ", ".join(str(x) for x in shape) + ")"
+
+
+def param_nodes(plan: Plan) -> dict[str, tuple[int, dict]]:
+    """FQN -> (index in ``plan.nodes``, node) for every parameter whose graph node is in the plan.
+
+    Export names a parameter's placeholder ``p_<fqn with dots as underscores>``; a node may also
+    carry the FQN itself under ``fqn`` or ``target``.
+    """
+    by_name = {}
+    for i, n in enumerate(plan.nodes):
+        for key in (n.get("name"), n.get("fqn"), n.get("target")):
+            if isinstance(key, str):
+                by_name.setdefault(key, (i, n))
+    out = {}
+    for fqn in plan.param_placements:
+        flat = fqn.replace(".", "_")
+        for key in (fqn, f"p_{flat}", flat):
+            if key in by_name:
+                out[fqn] = by_name[key]
+                break
+    return out
+
+
+def _node_for_param(plan: Plan, fqn: str) -> dict | None:
+    hit = param_nodes(plan).get(fqn)
+    return None if hit is None else hit[1]
+
+
+def _fmt_index_set(values: set[int]) -> str:
+    vals = sorted(values)
+    runs: list[str] = []
+    start = prev = vals[0]
+    for v in vals[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        runs.append(str(start) if start == prev else f"{start}..{prev}")
+        if v is not None:
+            start = prev = v
+    return "{" + ",".join(runs) + "}"
+
+
+def group_names(items: list[tuple[str, Any]]) -> list[tuple[str, Any, int]]:
+    """Collapse names that differ only in numeric components and share the same value.
+
+    ``[("h.0.w", v), ("h.1.w", v)]`` -> ``[("h.{0..1}.w", v, 2)]``. Numeric positions are collapsed
+    from the innermost out, so nested indexes (layers x experts) collapse into rectangles.
+    Returns ``(display_name, value, count)`` in first-seen order.
+    """
+    # Each entry: parts (str or frozenset of ints), value key, value, first index, count.
+    entries = []
+    for i, (name, value) in enumerate(items):
+        parts = tuple(frozenset([int(p)]) if p.isdigit() else p for p in name.split("."))
+        entries.append((parts, repr(value), value, i, 1))
+    max_len = max((len(e[0]) for e in entries), default=0)
+    for pos in reversed(range(max_len)):
+        merged: dict[Any, list] = {}
+        order: list[Any] = []
+        for parts, vkey, value, first, count in entries:
+            if pos < len(parts) and isinstance(parts[pos], frozenset):
+                key = (parts[:pos], parts[pos + 1 :], len(parts), vkey)
+            else:
+                key = ("#", first)  # not collapsible at this position: keep as is
+            if key in merged:
+                m = merged[key]
+                m[0] = m[0][:pos] + (m[0][pos] | parts[pos],) + m[0][pos + 1 :]
+                m[3] = min(m[3], first)
+                m[4] += count
+            else:
+                merged[key] = [parts, vkey, value, first, count]
+                order.append(key)
+        entries = [tuple(merged[k]) for k in order]
+    entries.sort(key=lambda e: e[3])
+    out = []
+    for parts, _, value, _, count in entries:
+        name = ".".join(p if isinstance(p, str) else (str(next(iter(p))) if len(p) == 1 else _fmt_index_set(p)) for p in parts)
+        out.append((name, value, count))
+    return out
+
+
+def _hardware(name: str):
+    try:
+        from .cost_models.hardware import load_hardware
+
+        return load_hardware(name)
+    except Exception:  # the report still works without the preset (e.g. a plan from elsewhere)
+        return None
+
+
+def collective_totals(plan: Plan) -> dict[tuple[str, str, str], list]:
+    """(phase, op, axis) -> [count, total bytes, total seconds]."""
+    totals: dict[tuple[str, str, str], list] = defaultdict(lambda: [0, 0, 0.0])
+    for c in plan.collectives:
+        t = totals[(str(c.get("phase") or "-"), c["op"], c["axis"])]
+        t[0] += 1
+        t[1] += c["bytes"]
+        t[2] += c["time_s"]
+    return dict(sorted(totals.items()))
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole and math.isfinite(whole) else "-"
+
+
+# ---- inspect -----------------------------------------------------------------------------------
+
+
+def _gap(s: dict) -> str:
+    """How far a plan may be from optimal: CP-SAT's proven bound against the objective it found,
+    and the folded problem's size when repeated layers were tied."""
+    out = ""
+    if s.get("folded_nodes") is not None:
+        out += f"; {s.get('repeated_layers')} repeated layers tied, {s['nodes_in']} -> {s['folded_nodes']} nodes"
+    obj, bound = s.get("cp_objective_s"), s.get("cp_bound_s")
+    if s.get("status") == "FEASIBLE" and isinstance(obj, (int, float)) and isinstance(bound, (int, float)) and obj > 0:
+        out += f"; optimality gap <= {(obj - bound) / obj:.2%} (proven bound {format_seconds(bound)})"
+    return out
+
+
+def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
+    s = plan.solver
+    devices = math.prod(plan.mesh.values()) if plan.mesh else 0
+    solve = s.get("solve_time_s")
+    header = [
+        ["model", plan.model],
+        ["mode", plan.mode],
+        ["mesh", f"{fmt_mesh(plan.mesh)} ({devices} devices)"],
+        ["hardware", plan.hardware],
+        ["graph hash", plan.graph_hash],
+        ["plan hash", plan.hash()],
+        [
+            "solver",
+            f"{s.get('name', '?')}: {s.get('status', '?')}"
+            + (f" in {format_seconds(solve)}" if isinstance(solve, (int, float)) else "") + _gap(s),
+        ],
+        ["step time", format_seconds(plan.step_time_s)],
+        ["peak memory", format_bytes(plan.peak_memory_bytes)],
+    ]
+    sections = [Section("Plan", ["field", "value"], header)]
+
+    axes = list(plan.mesh)
+    pnodes = param_nodes(plan)
+    # Graph order (JSON sorts the dict keys); parameters without a node go last, by name.
+    fqns = sorted(plan.param_placements, key=lambda f: (pnodes[f][0], "") if f in pnodes else (len(plan.nodes), f))
+    items = [
+        (
+            fqn,
+            (
+                fmt_shape(pnodes[fqn][1].get("shape")) if fqn in pnodes else "-",
+                tuple(plan.param_placements[fqn].get(a, "-") for a in axes),
+            ),
+        )
+        for fqn in fqns
+    ]
+    rows = [[name, shape, *pls] for name, (shape, pls), _ in group_names(items)]
+    sections.append(
+        Section(
+            f"Parameter placements ({len(plan.param_placements)} parameters)",
+            ["parameter", "shape", *axes],
+            rows,
+        )
+    )
+
+    if plan.input_placements:
+        rows = [[str(i), fmt_placements(pl)] for i, pl in enumerate(plan.input_placements)]
+        sections.append(Section("Input placements", ["input", "placements"], rows))
+
+    attn = [n for n in plan.nodes if n.get("attention")]
+    if attn:
+        rows = []
+        for n in attn:
+            alts = (plan.explanations.get(n["name"]) or {}).get("alternatives") or []
+            rows.append([n["name"], n["attention"], fmt_placements(n.get("placements")),
+                         ", ".join(f"{a['attention']} {format_seconds(a['cost_s'])}" for a in alts)])
+        sections.append(Section(f"Attention on cp ({len(attn)} layers)", ["node", "scheme", "placements", "predicted cost of each scheme"],
+                                rows, notes=["ring: K/V blocks pass round the cp ring (causal: zig-zag balanced); ulysses: "
+                                             "all-to-all to head-sharded and back; batch/replicated: cp not used by attention"]))
+
+    moe = [n for n in plan.nodes if n.get("moe")]
+    if moe:
+        rows = []
+        for n in moe:
+            e = n["moe"]
+            alts = (plan.explanations.get(n["name"]) or {}).get("alternatives") or []
+            best_other = next((a for a in alts if a["moe"] != e["layout"]), None)
+            dispatch = "dropless" if e.get("dispatch", "dropless") == "dropless" else f"capacity {e['capacity_factor']:g}"
+            rows.append([n["name"], f"{e['experts']}/top-{e['top_k']}", e["layout"], dispatch,
+                         "yes" if e.get("placement") else "contiguous", format_seconds(n.get("compute_s", 0.0)),
+                         f"{best_other['moe']} +{format_seconds(best_other['delta_s'])}" if best_other else "-"])
+        notes = ["all-to-all: tokens go to the experts' owners and back on that axis; own-experts: each rank runs its "
+                 "experts on every token, the outputs are summed; data: experts replicated, tokens split"]
+        if plan.solver.get("expert_placement"):
+            p = plan.solver["expert_placement"]
+            notes.append(f"placement from routing statistics on {p['devices']} devices: cross-device token pairs "
+                         f"{p['cross_device_tokens']} (contiguous {p['contiguous_cross_device_tokens']}), max device "
+                         f"load {p['max_device_load']} (contiguous {p['contiguous_max_device_load']})")
+        sections.append(Section(f"MoE layers ({len(moe)})", ["node", "experts", "layout", "dispatch", "placement",
+                                                             "time", "next best layout"], rows, notes=notes))
+
+    sections.extend(_compression_sections(plan))
+    rows = [
+        [phase, op, axis, str(n), format_bytes(b), format_seconds(t)]
+        for (phase, op, axis), (n, b, t) in collective_totals(plan).items()
+    ]
+    sections.append(
+        Section(
+            f"Collectives ({len(plan.collectives)} in all)",
+            ["phase", "op", "axis", "count", "bytes", "time"],
+            rows,
+            right={3, 4, 5},
+        )
+    )
+    ranked = sorted(plan.collectives, key=lambda c: -c["time_s"])[:top]
+    rows = [collective_row(c) for c in ranked]
+    sections.append(
+        Section(
+            f"Top {len(ranked)} collectives by time",
+            COLLECTIVE_HEADERS,
+            rows,
+            right={6, 7},
+        )
+    )
+
+    hw = _hardware(plan.hardware)
+    capacity = getattr(hw, "memory_capacity_bytes", None) if hw is not None else None
+    rows = [[f"optimizer ({plan.optimizer})" if k == "optimizer" else k, format_bytes(v), _pct(v, capacity)]
+            for k, v in plan.memory.items()]
+    rows.append(["peak", format_bytes(plan.peak_memory_bytes), _pct(plan.peak_memory_bytes, capacity)])
+    notes = [
+        f"capacity of one {plan.hardware} device: {format_bytes(capacity)}"
+        if capacity
+        else f"capacity unknown: no hardware preset {plan.hardware!r} here"
+    ]
+    if capacity and plan.peak_memory_bytes > capacity:
+        notes.append("peak memory EXCEEDS device capacity")
+    sections.append(Section("Memory per device", ["kind", "bytes", "of capacity"], rows, right={1, 2}, notes=notes))
+
+    rows = [[k, format_seconds(v), _pct(v, plan.step_time_s)] for k, v in plan.time_breakdown.items()]
+    rows.append(["step (predicted)", format_seconds(plan.step_time_s), _pct(plan.step_time_s, plan.step_time_s)])
+    sections.append(Section("Predicted step time", ["part", "time", "of step"], rows, right={1, 2}))
+
+    if plan.pipeline:
+        pipe = plan.pipeline
+        rows = [[str(s), f"{pipe['layers'][a]}..{pipe['layers'][b - 1]}", str(b - a), format_seconds(t), format_bytes(m)]
+                for s, ((a, b), t, m) in enumerate(zip(pipe["bounds"], pipe["stage_times_s"], pipe["stage_memory_bytes"]))]
+        notes = [f"{pipe['schedule']}, {pipe['microbatches']} microbatches; predicted bubble {pipe['bubble']:.1%} "
+                 f"against the analytic {_bubble_formula(pipe['schedule'])} = {pipe['analytic_bubble']:.1%} "
+                 "(equal when stages are balanced)"]
+        sections.append(Section("Pipeline stages",
+                                 ["stage", "layers", "count", "time per microbatch", "memory"], rows, right={2, 3, 4}, notes=notes))
+        timeline, summary = pipeline_timeline(pipe, plan.mesh.get("pp"))
+        notes = [summary] + (_timeline_text(timeline) if timeline is not None else [])
+        sections.append(Section(SCHEDULE_TITLE, [], [], notes=notes))
+    sections.append(Section(f"Warnings ({len(plan.warnings)})", [], [], notes=[f"- {w}" for w in plan.warnings] or ["(none)"]))
+    return sections
+
+
+# ---- pipeline schedule -------------------------------------------------------------------------
+
+SCHEDULE_TITLE = "Pipeline schedule"
+TIMELINE_COLUMNS = 100
+_PASSES = (("F", "forward", "0123456789", "#4878a8"), ("B", "backward", "abcdefghij", "#e0883c"),
+           ("W", "weight gradient", "ABCDEFGHIJ", "#6aa84f"))  # kind, name, text marks by microbatch mod 10, colour
+_MARKS = {k: marks for k, _, marks, _ in _PASSES}
+_COLOURS = {k: colour for k, _, _, colour in _PASSES}
+
+
+def _bubble_formula(schedule: str) -> str:
+    return "(p-1)/(m*v)" if schedule == "interleaved-1f1b" else "(p-1)/m"
+
+
+def pipeline_timeline(pipe: dict, pp: int | None = None) -> tuple[Any, str]:
+    """The plan's pipeline simulated pass by pass (:mod:`autopar.solvers.schedule`) and a line that
+    sums it up, or ``(None, why not)``.
+
+    Stage s takes τ_s per microbatch (``stage_times_s``: forward + backward, the send to the next
+    stage included, so the simulation adds no transfer): forward f_s = ``stage_forward_s[s]``, else
+    τ_s/3; backward τ_s − f_s, which zb-h1 splits into W = ``stage_wgrad_s[s]`` (else half) and B. With ``virtual_stages`` v > 1 the
+    times are per global stage (p·v of them), or per rank (``pp`` of them), each rank's then split
+    evenly over its v stages.
+    """
+    from .solvers.schedule import analytic_bubble, simulate
+
+    schedule, m = str(pipe.get("schedule")), int(pipe.get("microbatches") or 0)
+    taus = [float(t) for t in pipe.get("stage_times_s") or []]
+    fwd = [float(x) for x in pipe.get("stage_forward_s") or [t / 3 for t in taus]]
+    v = int(pipe.get("virtual_stages") or 1)
+    try:
+        if v > 1 and pp and len(taus) == pp:  # per rank: v equal chunks each
+            taus, fwd = ([x[s % pp] / v for s in range(pp * v)] for x in (taus, fwd))
+        if v < 1 or not taus or len(taus) % v:
+            raise ValueError(f"{len(taus)} stage times do not make {v} stages on each rank")
+        p = len(taus) // v
+        if len(fwd) != len(taus):
+            raise ValueError(f"{len(fwd)} forward times for {len(taus)} stages")
+        back = [t - x for t, x in zip(taus, fwd)]
+        wgrad = [float(x) for x in pipe.get("stage_wgrad_s") or [x / 2 for x in back]]
+        if schedule == "zb-h1" and len(wgrad) == len(back):
+            timeline = simulate(schedule, p, m, v, f=fwd, b=[x - w for x, w in zip(back, wgrad)], w=wgrad)
+        else:
+            timeline = simulate(schedule, p, m, v, f=fwd, b=back)
+    except ValueError as e:
+        return None, f"no timeline: {e}"
+    bound = ", an upper bound for zb-h1" if schedule == "zb-h1" else ""
+    chunks = f" x {v} stages each" if v > 1 else ""
+    return timeline, (f"{schedule} on {p} ranks{chunks}, {m} microbatches: simulated step "
+                      f"{format_seconds(timeline.makespan)}, bubble {timeline.bubble:.1%} against the analytic "
+                      f"{_bubble_formula(schedule)} = {analytic_bubble(schedule, p, m, v):.1%}{bound}")
+
+
+def _timeline_text(timeline, width: int = TIMELINE_COLUMNS) -> list[str]:
+    """A legend, one row of ``width`` columns per rank, and a time axis. A column shows the pass
+    that covers most of it (its microbatch, mod 10, in that kind's marks), or '.' where the rank
+    idles for at least half of it. Plain characters only: it reads without colour."""
+    dt = timeline.makespan / width if timeline.makespan > 0 else 1.0
+    label = len(f"rank {timeline.p - 1}")
+    kinds = "FBW" if any(e.kind == "W" for e in timeline.events) else "FB"
+    legend = ", ".join(f"{name} {marks[0]}-{marks[-1]}" for k, name, marks, _ in _PASSES if k in kinds)
+    lines = [f"{legend}: the microbatch (mod 10); '.' idle; one column = {format_seconds(dt)}"]
+    for r in range(timeline.p):
+        events = timeline.rank_events(r)
+        cells = []
+        for j in range(width):
+            lo, hi = j * dt, (j + 1) * dt
+            cover = [(min(hi, e.end) - max(lo, e.start), e) for e in events if e.end > lo and e.start < hi]
+            if sum(x for x, _ in cover) < dt / 2:
+                cells.append(".")
+            else:
+                e = max(cover, key=lambda xe: xe[0])[1]
+                cells.append(_MARKS[e.kind][e.microbatch % 10])
+        lines.append(f"{f'rank {r}':<{label}} |{''.join(cells)}|")
+    lines.append(" " * (label + 1) + "0" + format_seconds(timeline.makespan).rjust(width + 1))
+    return lines
+
+
+def _svg_schedule(timeline) -> str:
+    """A Gantt chart of the simulated schedule: one row per rank, one rect per pass coloured by its
+    kind, each with a tooltip naming its stage, microbatch, kind and times."""
+    label_w, plot_w, row_h = 70, 840, 24
+    scale = plot_w / timeline.makespan if timeline.makespan > 0 else 0.0
+    axis_y = 4 + row_h * timeline.p
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 80}" height="{axis_y + 44}" role="img">']
+    for r in range(timeline.p):
+        y = 4 + r * row_h
+        out.append(f'<text x="0" y="{y + 16}" font-size="13">rank {r}</text>')
+        out.append(f'<rect x="{label_w}" y="{y + 2}" width="{plot_w}" height="{row_h - 4}" fill="#f2f2f2"/>')
+    for e in timeline.events:
+        x, w, y = label_w + e.start * scale, max((e.end - e.start) * scale, 0.5), 4 + e.rank * row_h
+        tip = f"stage {e.stage}, microbatch {e.microbatch}, {e.kind}, {e.start * 1e3:.4g}-{e.end * 1e3:.4g} ms"
+        out.append(f'<rect class="pp-{e.kind}" x="{x:.2f}" y="{y + 2}" width="{w:.2f}" height="{row_h - 4}" '
+                   f'fill="{_COLOURS[e.kind]}" stroke="#fff" stroke-width="0.5"><title>{html.escape(tip)}</title></rect>')
+        if w >= 14:
+            out.append(f'<text x="{x + w / 2:.2f}" y="{y + 16}" font-size="11" text-anchor="middle" fill="#fff" '
+                       f'pointer-events="none">{e.microbatch}</text>')
+    out.append(f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + plot_w}" y2="{axis_y}" stroke="#888"/>')
+    out.append(f'<text x="{label_w}" y="{axis_y + 14}" font-size="11">0</text>')
+    out.append(f'<text x="{label_w + plot_w}" y="{axis_y + 14}" font-size="11" text-anchor="end">'
+               f'{html.escape(format_seconds(timeline.makespan))}</text>')
+    x = label_w
+    for k, name, _, colour in _PASSES:
+        if k == "W" and not any(e.kind == "W" for e in timeline.events):
+            continue
+        out.append(f'<rect x="{x}" y="{axis_y + 24}" width="12" height="12" fill="{colour}"/>')
+        out.append(f'<text x="{x + 16}" y="{axis_y + 34}" font-size="12">{k} {name}</text>')
+        x += 40 + 8 * len(name)
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _svg_bars(items: list[tuple[str, float]], total: float) -> str:
+    """A horizontal bar chart, one bar per item, scaled to the largest of the items and ``total``."""
+    scale = max([v for _, v in items] + [total, 1e-30])
+    label_w, bar_w, row_h = 160, 420, 24
+    height = row_h * len(items) + 8
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + 120}" height="{height}" role="img">']
+    for i, (name, v) in enumerate(items):
+        y = 4 + i * row_h
+        w = max(0.0, bar_w * v / scale) if math.isfinite(v) else 0.0
+        out.append(f'<text x="0" y="{y + 16}" font-size="13">{html.escape(name)}</text>')
+        out.append(f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 8}" fill="#4878a8"/>')
+        out.append(f'<text x="{label_w + w + 6:.1f}" y="{y + 16}" font-size="12">{html.escape(format_seconds(v))}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def render_html(plan: Plan, sections: list[Section]) -> str:
+    body = []
+    for s in sections:
+        body.append(f"<h2>{html.escape(s.title)}</h2>")
+        if s.title == SCHEDULE_TITLE and plan.pipeline:  # drawn as a chart, not as the text rows
+            timeline, summary = pipeline_timeline(plan.pipeline, plan.mesh.get("pp"))
+            if timeline is not None:
+                body.append(_svg_schedule(timeline))
+            body.append(f"<p>{html.escape(summary)}</p>")
+            continue
+        if s.title == "Predicted step time":
+            items = list(plan.time_breakdown.items()) + [("step (predicted)", plan.step_time_s)]
+            body.append(_svg_bars(items, plan.step_time_s))
+        if s.headers:
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in s.headers)
+            rows = "".join(
+                "<tr>"
+                + "".join(
+                    f'<td class="num">{html.escape(c)}</td>' if i in s.right else f"<td>{html.escape(c)}</td>"
+                    for i, c in enumerate(r)
+                )
+                + "</tr>"
+                for r in s.rows
+            )
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        body.extend(f"<p>{html.escape(n)}</p>" for n in s.notes)
+    title = html.escape(f"autopar plan: {plan.model} on {fmt_mesh(plan.mesh)} ({plan.hardware})")
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:80em}"
+        "table{border-collapse:collapse;margin-bottom:1em}"
+        "th,td{border:1px solid #ccc;padding:2px 8px;font-family:monospace;text-align:left}"
+        "td.num{text-align:right}th{background:#eee}"
+    )
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>{title}</title><style>{style}</style></head>\n<body>\n<h1>{title}</h1>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def _compression_sections(plan) -> list:
+    """The fused kernels and each gradient sync's compression, as the plan records them."""
+    out = []
+    fusion = plan.fusion or {}
+    if fusion.get("kernels"):
+        rows = [[k["name"], k["pattern"], str(len(k["groups"])), " ".join(o.removeprefix("aten.") for o in k["ops"])]
+                for k in fusion["kernels"]]
+        out.append(Section(f"Fused kernels ({len(rows)})", ["kernel", "pattern", "uses", "ops"], rows,
+                           notes=[f"backend: {fusion.get('backend')} ({fusion.get('reason', '')})"]))
+    comp = plan.compression or {}
+    grads = comp.get("grads") or {}
+    if grads or comp.get("pipeline"):
+        rows = []
+        for fqn, g in sorted(grads.items(), key=lambda kv: -kv[1].get("numel", 0)):
+            base = next((a for a in g.get("alternatives", []) if a["method"] == "none"), None)
+            rows.append([fqn, g["method"], g.get("axis", "-"), str(g.get("numel", "-")),
+                         format_seconds(base["comm_s"]) if base else "-", format_seconds(g.get("comm_s", 0.0)),
+                         format_seconds(g.get("codec_s", 0.0)), f"{g.get('rel_error', 0.0):.2g}"])
+        pred = comp.get("predicted") or {}
+        notes = [f"pipeline sends: {comp.get('pipeline') or 'uncompressed'}"]
+        if pred:
+            notes.insert(0, f"grad sync {format_seconds(pred['grad_sync_s'])} -> {format_seconds(pred['compressed_grad_sync_s'])}"
+                            f" + codec {format_seconds(pred['codec_s'])}; backward overlap window "
+                            f"{format_seconds(pred['overlap_window_s'])}; exposed {format_seconds(pred['exposed_s'])} -> "
+                            f"{format_seconds(pred['compressed_exposed_s'])}; gradient error {pred['rel_error']:.3g} "
+                            f"(budget {comp.get('error_budget')}, {comp.get('calibration')} calibration)")
+        out.append(Section(f"Gradient compression ({sum(g['method'] != 'none' for g in grads.values())} of {len(grads)} "
+                           "compressed)", ["parameter", "method", "axis", "elements", "uncompressed", "comm", "codec",
+                                          "rel. error"], rows, right={3, 4, 5, 6, 7}, notes=notes))
+    return out
