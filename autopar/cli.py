@@ -21,7 +21,8 @@ from .errors import AutoparError, InfeasibleError
 from .plan import Plan, format_bytes, format_seconds
 from .report import (COLLECTIVE_HEADERS, TIMELINE_COLUMNS, Section, _node_for_param, collective_row,  # noqa: F401
                      collective_totals, fmt_mesh, fmt_placements, fmt_shape, group_names, inspect_sections,
-                     pipeline_timeline, render_html, render_table, render_text)
+                     pipeline_timeline, render_table, render_text)
+from .html_report import render_html
 
 
 
