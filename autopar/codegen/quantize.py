@@ -13,8 +13,9 @@ sums them in fp32, in increasing row order: sum_w q[w, i] · s[w, j].
 
 Layout follows the Triton tutorials: the kernels, their launchers, then the torch fallback that
 runs when Triton cannot (no triton, fp64, or a CPU tensor without ``TRITON_INTERPRET=1``). Each
-kernel program owns ``ROWS`` blocks, as a [ROWS, BLOCK_P2] tile (BLOCK_P2 = ``block`` rounded up
-to a power of two, masked), so any block size works. Both paths compute the same fp32 formula.
+kernel program owns ``_rows(BLOCK_P2)`` blocks, as a [rows, BLOCK_P2] tile (BLOCK_P2 = ``block``
+rounded up to a power of two, masked), so any block size works. Both paths compute the same fp32
+formula.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ import torch
 
 from .triton_support import kernel_runs, tl, triton
 
-ROWS = 16  # blocks per kernel program
+ROWS = 16  # blocks per kernel program, at most: a tile holds <= 2048 elements (more spilled on an H100)
+
+
+def _rows(p2: int) -> int:
+    return max(1, min(ROWS, 2048 // p2))
 
 if triton is not None:
 
@@ -83,7 +88,7 @@ def quantize(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tens
         q = torch.empty(n, dtype=torch.int8, device=x.device)
         s = torch.empty(nb, dtype=torch.float32, device=x.device)
         p2 = triton.next_power_of_2(block)
-        _quantize_kernel[(num_blocks(nb, ROWS),)](flat, q, s, n, block, ROWS=ROWS, BLOCK_P2=p2)
+        _quantize_kernel[(num_blocks(nb, _rows(p2)),)](flat, q, s, n, block, ROWS=_rows(p2), BLOCK_P2=p2)
         return q, s
     return _quantize_torch(flat, block)
 
@@ -110,8 +115,9 @@ def dequantize_sum(q: torch.Tensor, scales: torch.Tensor, block: int = 64,
         # fp32 out: the interpreter's bf16 store does not round like torch (moe_permute.py)
         out = torch.empty(n, dtype=torch.float32, device=q.device)
         nb = scales.shape[1]
-        _dequantize_sum_kernel[(num_blocks(nb, ROWS),)](q, scales, out, n, block, w, q.stride(0), scales.stride(0),
-                                                       ROWS=ROWS, BLOCK_P2=triton.next_power_of_2(block))
+        p2 = triton.next_power_of_2(block)
+        _dequantize_sum_kernel[(num_blocks(nb, _rows(p2)),)](q, scales, out, n, block, w, q.stride(0), scales.stride(0),
+                                                            ROWS=_rows(p2), BLOCK_P2=p2)
         return out.to(out_dtype)
     return _dequantize_sum_torch(q, scales, block).to(out_dtype)
 
