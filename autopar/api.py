@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .errors import AutoparError, MeshError, PlanError
 from .mesh import Mesh
+from .progress import phase
 
 MODES = ("train", "infer")
 
@@ -86,7 +87,8 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     from .passes.replicate import trace_deep
 
     t0 = time.perf_counter()
-    tg = traced if traced is not None else trace_deep(model, example_inputs, example_kwargs, say)
+    with phase(say, "tracing"):
+        tg = traced if traced is not None else trace_deep(model, example_inputs, example_kwargs, say)
     if traced is None:
         say(f"traced {tg.model_name}: {sum(1 for _ in tg.gm.graph.nodes)} ATen nodes in {time.perf_counter() - t0:.1f} s")
     plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
@@ -162,7 +164,8 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
             from .passes.joint import joint_costs
 
             if getattr(tg, "joint", None) is None:  # one trace serves every mesh planned for it
-                tg.joint = joint_costs(tg.source.module(), *tg.example)
+                with phase(progress, "tracing forward+backward"):
+                    tg.joint = joint_costs(tg.source.module(), *tg.example)
                 progress(f"traced the joint forward+backward graph in {time.perf_counter() - t0:.1f} s")
             joint = tg.joint
         except Exception as exc:  # the forward plan stands; only the backward estimate is coarser
@@ -173,9 +176,10 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     if prof is not None:
         progress(f"costing ops with the profile {prof.path} ({len(prof.ops)} measured op calls)")
     limit = memory_limit_bytes if memory_limit_bytes is not None else hw.memory_capacity_bytes
-    an = annotate(tg, mesh.axes, hw, mode, trainable=trainable, joint=joint, profile=prof, pins=pins,
-                  optimizer=optimizer, context_parallel=context_parallel, sequence_parallel=sequence_parallel,
-                  expert_parallel=expert_parallel, memory_limit=limit if math.isfinite(limit) else None)
+    with phase(progress, "costing strategies"):
+        an = annotate(tg, mesh.axes, hw, mode, trainable=trainable, joint=joint, profile=prof, pins=pins,
+                      optimizer=optimizer, context_parallel=context_parallel, sequence_parallel=sequence_parallel,
+                      expert_parallel=expert_parallel, memory_limit=limit if math.isfinite(limit) else None)
     an.warnings.extend(warnings)
     n_strats = sum(len(s) for s in an.strategies)
     progress(f"annotated {len(an.nodes)} decision nodes, {n_strats} strategies, {len(an.edges)} edges "
@@ -185,7 +189,8 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
     # identical layers take identical strategies: one representative each is solved (exact over
     # such tied choices, inter-layer edges included; solvers.intra_op.fold_copies)
     copies = an.repeated_layers() if os.environ.get("AUTOPAR_NO_DEDUP") != "1" else None
-    sol = solve(an.problem(limit), time_limit_s=time_limit_s, progress=progress, copies=copies)
+    with phase(progress, "solving", total=time_limit_s, clock=True):
+        sol = solve(an.problem(limit), time_limit_s=time_limit_s, progress=progress, copies=copies)
     progress(f"solved ({sol.status}) in {sol.solve_time_s:.1f} s: predicted {sol.objective * 1e3:.3f} ms per step")
     plan = build_plan(an, sol, mesh.hardware)
     fixed = an.ctx.overhead("step_s") if mode == "train" else 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import socket
 import subprocess
@@ -19,24 +20,37 @@ from typing import Any
 from .cost_models.memory import OPTIMIZERS
 from .errors import AutoparError, InfeasibleError
 from .plan import Plan, format_bytes, format_seconds
+from .progress import Reporter, phase
 from .report import (COLLECTIVE_HEADERS, TIMELINE_COLUMNS, Section, _node_for_param, collective_row,  # noqa: F401
                      collective_totals, fmt_mesh, fmt_placements, fmt_shape, group_names, inspect_sections,
-                     pipeline_timeline, render_table, render_text)
+                     inspect_json, pipeline_timeline, render_table, render_text, rich_report)
 from .html_report import render_html
 
 
 
 def cmd_inspect(args) -> int:
     plan = Plan.load(args.plan)
-    if args.json:
-        print(plan.to_json())
     sections = inspect_sections(plan)
     if args.html:
         _write_text(args.html, render_html(plan, sections))
         print(f"wrote HTML report to {args.html}", file=sys.stderr)
-    if not args.json:
-        sys.stdout.write(render_text(sections))
+    if args.json:
+        print(json.dumps(inspect_json(plan, sections), indent=1))
+    else:
+        show(sections)
     return 0
+
+
+def show(sections: list[Section]) -> None:
+    """Print report sections: rich tables on a terminal (rich's test, so TTY_COMPATIBLE=1 or
+    FORCE_COLOR force it), plain aligned text that greps well elsewhere (pipes, logs)."""
+    from rich.console import Console
+
+    console = Console(file=sys.stdout, highlight=False)
+    if console.is_terminal:
+        console.print(rich_report(sections))
+    else:
+        sys.stdout.write(render_text(sections))
 
 
 def _write_text(path: str, text: str) -> None:
@@ -212,14 +226,6 @@ def _delta(va: float | None, vb: float | None) -> str:
 # ---- plan --------------------------------------------------------------------------------------
 
 
-_QUIET = {"on": False}  # set per command by main() from --quiet
-
-
-def _progress(*args: Any, **_: Any) -> None:
-    if not _QUIET["on"]:
-        print("autopar:", *args, file=sys.stderr, flush=True)
-
-
 PP_SIZES = (1, 2, 4, 8, 16)  # pipeline depths the --devices search tries
 
 
@@ -270,16 +276,17 @@ def cmd_plan(args) -> int:
     from .api import plan as make_plan
     from .mesh import Mesh
 
+    say = args.progress
     if args.devices is not None and args.devices < 1:
         raise AutoparError(f"--devices must be a positive int, got {args.devices}")
     batch = args.batch
     if args.devices is not None and batch is None and args.model in models.PRESETS:
         # a mesh search needs a batch every data-parallel degree divides: one sequence per device at least
         batch = max(models.PRESETS[args.model].batch, args.devices)
-        _progress(f"batch {batch} x {models.PRESETS[args.model].seq if args.seq is None else args.seq} tokens "
+        say(f"batch {batch} x {models.PRESETS[args.model].seq if args.seq is None else args.seq} tokens "
                   f"(the preset's, at least one sequence per device; --batch sets it)")
     model, example_inputs = models.build(args.model, batch=batch, seq=args.seq, device="meta")
-    options = {"mode": args.mode, "progress": _progress, "optimizer": args.optimizer,
+    options = {"mode": args.mode, "progress": say, "optimizer": args.optimizer,
                "context_parallel": args.context_parallel,
                "sequence_parallel": {"auto": None, "on": True, "off": False}[args.sequence_parallel],
                "expert_parallel": {"auto": None, "on": True, "off": False}[args.expert_parallel],
@@ -311,8 +318,9 @@ def cmd_plan(args) -> int:
         seq = max((x.shape[1] for x in example_inputs if getattr(x, "dim", lambda: 0)() >= 2), default=0)
         cp_sizes = CP_SIZES if seq >= CP_MIN_SEQ else (1,)
         t0 = time.perf_counter()
-        traced = trace_deep(model, example_inputs, progress=_progress)  # once, for every mesh
-        _progress(f"traced {traced.model_name} in {time.perf_counter() - t0:.1f} s")
+        with phase(say, "tracing"):
+            traced = trace_deep(model, example_inputs, progress=say)  # once, for every mesh
+        say(f"traced {traced.model_name} in {time.perf_counter() - t0:.1f} s")
         experts = {m.experts for m in traced.moe}
         ep_sizes = (1,) + tuple(e for e in EP_SIZES if all(n % e == 0 for n in experts)) if experts else (1,)
         if options.get("expert_parallel") is False:
@@ -323,14 +331,17 @@ def cmd_plan(args) -> int:
         def plan_on(axes, **limit):
             return make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, traced=traced,
                              fusion_preview=False, **{**limit, **options})
-        for axes in candidate_meshes(args.devices, per_node, PP_SIZES, cp_sizes, ep_sizes):
+        meshes = candidate_meshes(args.devices, per_node, PP_SIZES, cp_sizes, ep_sizes)
+        search = phase(say, f"mesh search ({len(meshes)} meshes)", total=len(meshes))
+        for axes in meshes:
+            search.advance()
             split = axes.get("tp", 1) * axes.get("pp", 1) * axes.get("ep", 1)
             if floor / split > capacity:  # parameters are replicated on dp and cp: no layout can fit
                 tried.append((axes, None, f"parameters, gradients and {args.optimizer} state alone need "
                                           f"{format_bytes(floor / split)} per device even split {split} ways "
                                           f"(tp x pp x ep), over {format_bytes(capacity)}"))
                 continue
-            _progress(f"planning mesh {fmt_mesh(axes)}")
+            say(f"planning mesh {fmt_mesh(axes)}")
             try:
                 p = plan_on(axes, time_limit_s=SEARCH_TIME_LIMIT_S)
                 tried.append((axes, p, None))
@@ -338,6 +349,7 @@ def cmd_plan(args) -> int:
                 tried.append((axes, None, e.explanation))
             except AutoparError as e:  # e.g. a mesh this model cannot use; keep going with the others
                 tried.append((axes, None, str(e)))
+        search.close()
         rows = [
             [
                 fmt_mesh(axes),
@@ -356,7 +368,7 @@ def cmd_plan(args) -> int:
         if "time_limit_s" not in options:  # solve the front runners to the full default limit
             for k, (axes, p) in enumerate(feasible[:REFINE]):
                 if p.solver.get("status") != "OPTIMAL":
-                    _progress(f"solving mesh {fmt_mesh(axes)} again without the search's {SEARCH_TIME_LIMIT_S:g} s limit")
+                    say(f"solving mesh {fmt_mesh(axes)} again without the search's {SEARCH_TIME_LIMIT_S:g} s limit")
                     feasible[k] = (axes, plan_on(axes))
         axes, result = min(feasible, key=lambda x: x[1].step_time_s)
         if result.pipeline is None:  # pipelined programs are not fused (yet)
@@ -365,7 +377,7 @@ def cmd_plan(args) -> int:
             result.fusion = preview_fusion(traced, result, Mesh(axes, hardware=args.hardware))
         print(f"chosen mesh: {fmt_mesh(axes)} (fastest feasible)\n")
 
-    sys.stdout.write(render_text(inspect_sections(result)))
+    show(inspect_sections(result))
     if args.out:
         out = Path(args.out)
         if not out.parent.is_dir():
@@ -463,8 +475,11 @@ def cmd_validate(args) -> int:
         raise AutoparError(f"--steps must be at least 1, got {args.steps}")
     if args.rounds < 1:
         raise AutoparError(f"--rounds must be at least 1, got {args.rounds}")
-    res = validate(args.model, mesh.axes, hardware=args.hardware, mode=args.mode, steps=args.steps,
-                   rounds=args.rounds, batch=args.batch, seq=args.seq)
+    args.progress(f"validating {args.model} on {args.mesh}: profiling its ops (cached), planning, then "
+                  f"{args.rounds} rounds of {args.steps} steps on {mesh.size} local ranks")
+    with phase(args.progress, "validating"):
+        res = validate(args.model, mesh.axes, hardware=args.hardware, mode=args.mode, steps=args.steps,
+                       rounds=args.rounds, batch=args.batch, seq=args.seq)
     print(f"validated {args.model} on {args.mesh} ({mesh.size} local ranks, costed with {args.hardware})")
     print(report(res))
     if args.out:
@@ -485,9 +500,9 @@ def cmd_profile_ops(args) -> int:
     if args.repeats < 1:
         raise AutoparError(f"--repeats must be a positive int, got {args.repeats}")
     mesh = Mesh.parse(args.mesh, hardware=args.hardware)
-    _progress(f"profiling the ops of {args.model} for mesh {args.mesh} on this device (one rank, one thread)")
+    args.progress(f"profiling the ops of {args.model} for mesh {args.mesh} on this device (one rank, one thread)")
     res = profile_model(args.model, mesh.axes, mode=args.mode, batch=args.batch, seq=args.seq, repeats=args.repeats,
-                        refresh=args.refresh)
+                        refresh=args.refresh, verbose=not args.quiet)
     print(report(res))
     return 0
 
@@ -510,10 +525,11 @@ def cmd_profile(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
         raise AutoparError(f"cannot write {args.out!r}: directory {str(out.parent)!r} does not exist")
-    _progress(f"measuring collectives on {args.nproc} local gloo ranks, {format_bytes(sizes[0])}..{format_bytes(sizes[-1])}")
+    args.progress(f"measuring collectives on {args.nproc} local gloo ranks, {format_bytes(sizes[0])}..{format_bytes(sizes[-1])}")
     try:
-        times = launch_local(args.nproc, sizes=sizes, repeats=args.repeats, rounds=args.rounds,
-                             gap_s=args.gap_ms * 1e-3)
+        with phase(args.progress, "measuring collectives"):
+            times = launch_local(args.nproc, sizes=sizes, repeats=args.repeats, rounds=args.rounds,
+                                 gap_s=args.gap_ms * 1e-3)
     except (RuntimeError, ValueError) as e:
         raise AutoparError(str(e)) from None
     fits, failed = fit_all(times, args.nproc)
@@ -542,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    def quiet(p):
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress lines or bars on stderr (errors and "
+                       "results still print)")
+
     p = sub.add_parser("plan", help="plan a model on a mesh (or choose the mesh for --devices N)", allow_abbrev=False)
     p.add_argument("model", help="a built-in preset (gpt2, llama3-8b, ...) or path/to/file.py:factory")
     where = p.add_mutually_exclusive_group(required=True)
@@ -554,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--batch", type=int, help="batch size (presets only)")
     p.add_argument("--seq", type=int, help="sequence length (presets only)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr (errors still print)")
+    quiet(p)
     p.add_argument("--time-limit", type=float, help="solver time limit per plan, seconds (default 20; a --devices "
                    f"search uses {SEARCH_TIME_LIMIT_S:g} per mesh, then 20 for the {REFINE} fastest)")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer whose state counts in memory")
@@ -582,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show a plan as tables (or JSON, or an HTML report)", allow_abbrev=False)
     p.add_argument("plan", help="plan JSON file")
-    p.add_argument("--json", action="store_true", help="print the plan JSON")
+    p.add_argument("--json", action="store_true", help="print the report's data as JSON (stable keys, bytes and "
+                   "seconds unformatted); the plan file itself is the plan's JSON")
     p.add_argument("--html", metavar="REPORT", help="also write a self-contained HTML report to this path")
     p.set_defaults(func=cmd_inspect)
 
@@ -629,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=10,
                    help="--collectives: interleaved rounds over all sizes; the fastest burst is kept, or with --gap-ms the "
                         "median of the single calls (default: 10)")
+    quiet(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("validate", help="plan a model, run it on local ranks, compare predicted with measured",
@@ -643,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     p.add_argument("--out", help="save the plan that was run here")
+    quiet(p)
     p.set_defaults(func=cmd_validate)
     return parser
 
@@ -659,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
-    _QUIET["on"] = bool(getattr(args, "quiet", False))
+    args.progress = Reporter(quiet=bool(getattr(args, "quiet", False)))
     try:
         if args.command == "run":
             if extra[:1] == ["--"]:
@@ -667,8 +690,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, extra)
         return args.func(args)
     except AutoparError as e:
+        args.progress.close()
         print(f"autopar: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        args.progress.close()
 
 
 def entry() -> None:

@@ -1,12 +1,12 @@
-"""What a plan says, laid out for people: the tables of ``autopar inspect``, the pipeline timeline,
-and the self-contained HTML report. Pure functions of a :class:`autopar.plan.Plan`; the CLI
-(autopar/cli.py) prints or writes what they return.
+"""What a plan says, laid out for people: the tables of ``autopar inspect`` (as plain text, as rich
+renderables for a terminal, and as JSON data) and the pipeline timeline. Pure functions of a
+:class:`autopar.plan.Plan`; the CLI (autopar/cli.py) prints or writes what they return.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ class Section:
     rows: list[list[str]]
     right: set[int] = field(default_factory=set)  # indexes of right-aligned (numeric) columns
     notes: list[str] = field(default_factory=list)
+    bar: int | None = None  # index of a column of text bars (BAR_WIDTH chars, '#' filled), drawn as bars by rich
 
 
 def render_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
@@ -193,6 +194,51 @@ def _pct(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}%" if whole and math.isfinite(whole) else "-"
 
 
+BAR_WIDTH = 30
+
+
+def _bar(part: float, whole: float | None) -> str:
+    """``part / whole`` as BAR_WIDTH characters: '#' filled (at least one for any part), '.' empty."""
+    if not whole or not math.isfinite(whole):
+        return ""
+    k = min(BAR_WIDTH, math.ceil(BAR_WIDTH * max(0.0, part) / whole))
+    return "#" * k + "." * (BAR_WIDTH - k)
+
+
+def _mfu(plan: Plan, hw) -> tuple[float | None, str]:
+    """Model FLOPs utilisation ``F / (T · n · peak)``: the model's FLOPs per step ``F`` over what
+    the ``n`` devices do at their peak FLOP/s (for the dtype most ops run in) in the predicted step
+    time ``T``; or None and why it cannot be given."""
+    flops = getattr(plan, "model_flops", None)
+    if not flops:
+        return None, "the plan records no model FLOPs per step"
+    if hw is None:
+        return None, f"no hardware preset {plan.hardware!r} here to give the peak FLOP/s"
+    dtypes = Counter(n["dtype"] for n in plan.nodes if n.get("kind") == "op" and n.get("dtype"))
+    peak = hw.peak(dtypes.most_common(1)[0][0] if dtypes else "float32")
+    return flops / (plan.step_time_s * math.prod(plan.mesh.values()) * peak), ""
+
+
+def _param_groups(plan: Plan) -> list[tuple[str, tuple, int]]:
+    """``group_names`` of (FQN, (shape or None, placement per mesh axis)) in graph order
+    (parameters without a node last, by name)."""
+    pnodes = param_nodes(plan)
+    fqns = sorted(plan.param_placements, key=lambda f: (pnodes[f][0], "") if f in pnodes else (len(plan.nodes), f))
+    shape = {f: tuple(pnodes[f][1]["shape"]) if f in pnodes and pnodes[f][1].get("shape") is not None else None for f in fqns}
+    return group_names([(f, (shape[f], tuple(plan.param_placements[f].get(a, "-") for a in plan.mesh))) for f in fqns])
+
+
+def _rank_memory(plan: Plan) -> list[float]:
+    """Bytes per pp rank of a pipelined plan (``rank_memory_bytes``, else its stages'
+    ``stage_memory_bytes`` summed), else []."""
+    pipe = plan.pipeline or {}
+    if pipe.get("rank_memory_bytes"):
+        return [float(b) for b in pipe["rank_memory_bytes"]]
+    mem, v = pipe.get("stage_memory_bytes") or [], int(pipe.get("virtual_stages") or 1)
+    p = len(mem) // v if v > 0 and len(mem) % v == 0 else len(mem)
+    return [float(sum(mem[r::p])) for r in range(p)]
+
+
 # ---- inspect -----------------------------------------------------------------------------------
 
 
@@ -212,6 +258,9 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
     s = plan.solver
     devices = math.prod(plan.mesh.values()) if plan.mesh else 0
     solve = s.get("solve_time_s")
+    hw = _hardware(plan.hardware)
+    capacity = getattr(hw, "memory_capacity_bytes", None) if hw is not None else None
+    mfu, why = _mfu(plan, hw)
     header = [
         ["model", plan.model],
         ["mode", plan.mode],
@@ -224,26 +273,15 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
             f"{s.get('name', '?')}: {s.get('status', '?')}"
             + (f" in {format_seconds(solve)}" if isinstance(solve, (int, float)) else "") + _gap(s),
         ],
-        ["step time", format_seconds(plan.step_time_s)],
-        ["peak memory", format_bytes(plan.peak_memory_bytes)],
+        ["predicted step time", format_seconds(plan.step_time_s)],
+        ["MFU", f"{mfu:.1%}" if mfu is not None else f"- ({why})"],
+        ["peak memory", f"{format_bytes(plan.peak_memory_bytes)} per device"
+         + (f", {_pct(plan.peak_memory_bytes, capacity)} of {format_bytes(capacity)}" if capacity else "")],
     ]
     sections = [Section("Plan", ["field", "value"], header)]
 
     axes = list(plan.mesh)
-    pnodes = param_nodes(plan)
-    # Graph order (JSON sorts the dict keys); parameters without a node go last, by name.
-    fqns = sorted(plan.param_placements, key=lambda f: (pnodes[f][0], "") if f in pnodes else (len(plan.nodes), f))
-    items = [
-        (
-            fqn,
-            (
-                fmt_shape(pnodes[fqn][1].get("shape")) if fqn in pnodes else "-",
-                tuple(plan.param_placements[fqn].get(a, "-") for a in axes),
-            ),
-        )
-        for fqn in fqns
-    ]
-    rows = [[name, shape, *pls] for name, (shape, pls), _ in group_names(items)]
+    rows = [[name, fmt_shape(shape), *pls] for name, (shape, pls), _ in _param_groups(plan)]
     sections.append(
         Section(
             f"Parameter placements ({len(plan.param_placements)} parameters)",
@@ -312,11 +350,12 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
         )
     )
 
-    hw = _hardware(plan.hardware)
-    capacity = getattr(hw, "memory_capacity_bytes", None) if hw is not None else None
-    rows = [[f"optimizer ({plan.optimizer})" if k == "optimizer" else k, format_bytes(v), _pct(v, capacity)]
+    scale = max(capacity or 0, plan.peak_memory_bytes)
+    rows = [[f"optimizer ({plan.optimizer})" if k == "optimizer" else k, format_bytes(v), _pct(v, capacity), _bar(v, scale)]
             for k, v in plan.memory.items()]
-    rows.append(["peak", format_bytes(plan.peak_memory_bytes), _pct(plan.peak_memory_bytes, capacity)])
+    rows.append(["peak", format_bytes(plan.peak_memory_bytes), _pct(plan.peak_memory_bytes, capacity),
+                 _bar(plan.peak_memory_bytes, scale)])
+    rows += [[f"pp rank {r}", format_bytes(m), _pct(m, capacity), _bar(m, scale)] for r, m in enumerate(_rank_memory(plan))]
     notes = [
         f"capacity of one {plan.hardware} device: {format_bytes(capacity)}"
         if capacity
@@ -324,7 +363,10 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
     ]
     if capacity and plan.peak_memory_bytes > capacity:
         notes.append("peak memory EXCEEDS device capacity")
-    sections.append(Section("Memory per device", ["kind", "bytes", "of capacity"], rows, right={1, 2}, notes=notes))
+    if plan.pipeline:
+        notes.append("the kinds are the intra-op plan's, before the split into stages; a pp rank's row is its total")
+    sections.append(Section("Memory per device", ["kind", "bytes", "of capacity", "bar (of capacity)" if capacity else "bar"],
+                            rows, right={1, 2}, notes=notes, bar=3))
 
     rows = [[k, format_seconds(v), _pct(v, plan.step_time_s)] for k, v in plan.time_breakdown.items()]
     rows.append(["step (predicted)", format_seconds(plan.step_time_s), _pct(plan.step_time_s, plan.step_time_s)])
@@ -454,3 +496,85 @@ def _compression_sections(plan) -> list:
                            "compressed)", ["parameter", "method", "axis", "elements", "uncompressed", "comm", "codec",
                                           "rel. error"], rows, right={3, 4, 5, 6, 7}, notes=notes))
     return out
+
+
+# ---- machine-readable and terminal forms -------------------------------------------------------
+
+
+def inspect_json(plan: Plan, sections: list[Section], *, top: int = 10) -> dict:
+    """The data of ``autopar inspect --json``: stable keys, unformatted numbers (bytes, seconds),
+    and every section's table as the text shows it (``sections``)."""
+    hw = _hardware(plan.hardware)
+    capacity = getattr(hw, "memory_capacity_bytes", None) if hw is not None else None
+    mfu, why = _mfu(plan, hw)
+    pipe = None
+    if plan.pipeline:
+        timeline, summary = pipeline_timeline(plan.pipeline, plan.mesh.get("pp"))
+        events = [] if timeline is None else [{"rank": e.rank, "stage": e.stage, "kind": e.kind, "microbatch": e.microbatch,
+                                               "start_s": e.start, "end_s": e.end} for e in timeline.events]
+        pipe = {**plan.pipeline, "timeline": {"summary": summary, "makespan_s": getattr(timeline, "makespan", None),
+                                              "bubble": getattr(timeline, "bubble", None), "events": events}}
+    return {
+        "summary": {"model": plan.model, "mode": plan.mode, "mesh": plan.mesh, "devices": math.prod(plan.mesh.values()),
+                    "hardware": plan.hardware, "graph_hash": plan.graph_hash, "plan_hash": plan.hash(),
+                    "solver": {k: plan.solver.get(k) for k in ("name", "status", "solve_time_s")},
+                    "step_time_s": plan.step_time_s, "mfu": mfu, "mfu_missing": why or None,
+                    "peak_memory_bytes": plan.peak_memory_bytes, "memory_capacity_bytes": capacity},
+        "parameters": [{"name": name, "count": n, "shape": None if shape is None else list(shape),
+                        "placements": dict(zip(plan.mesh, pls))} for name, (shape, pls), n in _param_groups(plan)],
+        "collectives": {"count": len(plan.collectives),
+                        "totals": [{"phase": ph, "op": op, "axis": axis, "count": n, "bytes": b, "time_s": t}
+                                   for (ph, op, axis), (n, b, t) in collective_totals(plan).items()],
+                        "top": sorted(plan.collectives, key=lambda c: -c["time_s"])[:top]},
+        "memory": {"per_device": plan.memory, "peak_bytes": plan.peak_memory_bytes, "capacity_bytes": capacity,
+                   "pp_ranks": _rank_memory(plan)},
+        "time": {"breakdown": plan.time_breakdown, "step_time_s": plan.step_time_s},
+        "pipeline": pipe,
+        "warnings": plan.warnings,
+        "sections": [{"title": s.title, "headers": s.headers, "rows": s.rows, "notes": s.notes} for s in sections],
+    }
+
+
+def rich_report(sections: list[Section]):
+    """The sections as one rich renderable for a terminal: the "Plan" section as a summary panel,
+    tables with titles and right-aligned numbers, bar columns in colour, notes-only sections (the
+    pipeline timeline, warnings) in panels, the timeline coloured by pass."""
+    from rich import box
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    def cell(s: Section, i: int, c: str) -> Text:
+        if i != s.bar or not c:
+            return Text(c)
+        k = c.count("#")
+        return Text.assemble(("█" * k, "red" if k == len(c) else "green"), ("░" * (len(c) - k), "dim"))
+
+    def note(line: str) -> Text:  # a timeline row: each pass in its colour, idle dim
+        if not line.startswith("rank ") or "|" not in line:
+            return Text(line)
+        label, cells = line.split("|", 1)
+        style = {m: _COLOURS[k] for k, marks in _MARKS.items() for m in marks}
+        return Text.assemble(label + "|", *((ch, style.get(ch, "dim")) for ch in cells))
+
+    out = []
+    for s in sections:
+        if s.title == "Plan":
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(style="bold")
+            grid.add_column()
+            for row in s.rows:
+                grid.add_row(*row)
+            out.append(Panel(grid, title="Plan", title_align="left", expand=False))
+        elif s.headers:
+            t = Table(title=s.title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
+                      caption="\n".join(s.notes) or None, caption_justify="left")
+            for i, h in enumerate(s.headers):
+                t.add_column(h, justify="right" if i in s.right else "left", overflow="fold")
+            for r in s.rows:
+                t.add_row(*(cell(s, i, c) for i, c in enumerate(r)))
+            out.append(t)
+        else:
+            out.append(Panel(Text("\n").join(note(n) for n in s.notes), title=s.title, title_align="left", expand=False))
+    return Group(*out)

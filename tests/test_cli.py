@@ -1,6 +1,7 @@
 import json
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -103,7 +104,52 @@ def test_inspect_keeps_differing_layer_apart(capsys, tmp_path):
 def test_inspect_json(capsys, plan_path):
     code, out, _ = run_cli(capsys, "inspect", plan_path, "--json")
     assert code == 0
-    assert Plan.from_json(out) == Plan.load(plan_path)
+    data = json.loads(out)
+    assert list(data) == ["summary", "parameters", "collectives", "memory", "time", "pipeline", "warnings", "sections"]
+    s = data["summary"]
+    assert s["mesh"] == {"dp": 2, "tp": 4} and s["devices"] == 8 and s["step_time_s"] == 0.25
+    assert s["peak_memory_bytes"] == 12 * 2**30 and s["plan_hash"] == Plan.load(plan_path).hash()
+    assert s["mfu"] is None and "no model FLOPs" in s["mfu_missing"]
+    group = next(g for g in data["parameters"] if g["name"] == "transformer.h.{0..11}.attn.c_attn.weight")
+    assert group == {"name": "transformer.h.{0..11}.attn.c_attn.weight", "count": 12, "shape": [768, 2304],
+                     "placements": {"dp": "R", "tp": "S(1)"}}
+    assert {"phase": "fwd", "op": "all_reduce", "axis": "tp", "count": 12, "bytes": 72 * 2**20,
+            "time_s": pytest.approx(7.8e-3)} in data["collectives"]["totals"]
+    assert data["collectives"]["count"] == 13 and len(data["collectives"]["top"]) == 10
+    assert data["memory"]["per_device"]["activations"] == 8 * 2**30 and data["memory"]["pp_ranks"] == []
+    assert data["time"]["breakdown"]["grad_sync_s"] == 0.02 and data["pipeline"] is None
+    assert "Memory per device" in [x["title"] for x in data["sections"]]
+
+
+def test_inspect_json_has_the_pipeline_timeline(capsys, tmp_path):
+    path = tmp_path / "pp.json"
+    pipeline_plan(schedule="1f1b", v=1).save(path)
+    code, out, _ = run_cli(capsys, "inspect", path, "--json")
+    assert code == 0
+    pipe = json.loads(out)["pipeline"]
+    assert pipe["schedule"] == "1f1b" and "simulated step" in pipe["timeline"]["summary"]
+    events = pipe["timeline"]["events"]
+    assert len(events) == 4 * 8 * 2 and set(events[0]) == {"rank", "stage", "kind", "microbatch", "start_s", "end_s"}
+    assert json.loads(out)["memory"]["pp_ranks"] == [2**30] * 4
+
+
+def test_inspect_on_a_terminal_draws_rich_tables_and_bars(capsys, tmp_path, monkeypatch):
+    path = tmp_path / "pp.json"
+    pipeline_plan(schedule="1f1b", v=1).save(path)
+    code, plain, _ = run_cli(capsys, "inspect", path)
+    assert code == 0 and "\x1b[" not in plain and "█" not in plain  # a pipe gets plain text
+    assert "#" * 30 in plain or "#." in plain  # the memory bars, as text
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich's own switch: draw as on a terminal
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 0 and "\x1b[" in out
+    assert "╭─ Plan" in out and "pp=4,dp=2,tp=4 (32 devices)" in out
+    for title in ("Parameter placements (25 parameters)", "Collectives (13 in all)", "Memory per device",
+                  "Predicted step time", "Pipeline stages", "Pipeline schedule"):
+        assert title in out, title
+    assert "█" in out and "░" in out  # memory bars
+    assert "transformer.h.{0..11}.attn.c_attn.weight" in out and "72.00 MiB" in out
+    assert "rank 3 |" in out and "forward 0-9, backward a-j" in out  # the timeline, coloured by pass
 
 
 def test_inspect_html(capsys, plan_path, tmp_path):
@@ -287,17 +333,21 @@ def test_inspect_draws_the_pipeline_schedule_of_a_planned_pp_mesh(capsys, tmp_pa
     assert "<title>stage 0, microbatch 0, F, 0-" in text and f"stage 1, microbatch {m - 1}, B, " in text
 
 
-@pytest.mark.parametrize("schedule, v, kinds", [("zb-h1", 1, "FBW"), ("interleaved-1f1b", 2, "FB")])
-def test_inspect_timeline_of_the_other_schedules(capsys, tmp_path, schedule, v, kinds):
+def pipeline_plan(schedule: str, v: int, p: int = 4, m: int = 8) -> Plan:
     import dataclasses
 
-    p, m = 4, 8
     n = p * v  # stages, v on each rank
     pipe = {"bounds": [[k, k + 1] for k in range(n)], "stage_times_s": [3e-3 / v] * n,
-            "stage_memory_bytes": [2**30] * n, "step_time_s": 0.04, "microbatches": m, "schedule": schedule,
+            "stage_memory_bytes": [2**30 // v] * n, "step_time_s": 0.04, "microbatches": m, "schedule": schedule,
             "bubble": 0.1, "analytic_bubble": 0.1, "layers": [f"h.{k}" for k in range(n)], "virtual_stages": v}
+    return dataclasses.replace(gpt_like_plan(), mesh={"pp": p, "dp": 2, "tp": 4}, pipeline=pipe)
+
+
+@pytest.mark.parametrize("schedule, v, kinds", [("zb-h1", 1, "FBW"), ("interleaved-1f1b", 2, "FB")])
+def test_inspect_timeline_of_the_other_schedules(capsys, tmp_path, schedule, v, kinds):
+    p, m = 4, 8
     path, report = tmp_path / "pp.json", tmp_path / "pp.html"
-    dataclasses.replace(gpt_like_plan(), mesh={"pp": p, "dp": 2, "tp": 4}, pipeline=pipe).save(path)
+    pipeline_plan(schedule, v, p, m).save(path)
     code, out, _ = run_cli(capsys, "inspect", path, "--html", report)
     assert code == 0 and sorted(_timeline_rows(out)) == list(range(p))
     if schedule == "zb-h1":
@@ -386,3 +436,92 @@ def test_plan_quiet_prints_no_progress(capsys):
     assert quiet_out.split("solver")[0] == out.split("solver")[0]  # the same plan (and plan hash) is printed
     code, _, err = run_cli(capsys, "plan", "nope", "--mesh", "tp=2", "--quiet")
     assert code == 1 and "unknown model" in err  # errors still print
+
+
+def subcommands() -> dict:
+    """The parser's subcommands by name, so that a new one cannot be missed by the tests below."""
+    import argparse
+
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("command", [None, *subcommands()])
+def test_help(capsys, command):
+    code, out, _ = run_cli(capsys, *([command] if command else []), "--help")
+    assert code == 0
+    assert out.startswith(f"usage: autopar {command}" if command else "usage: autopar")
+    if command is None:
+        assert all(name in out for name in subcommands())
+
+
+# A run of each command that takes --quiet, with its slow part stubbed (the real runs: profile in
+# tests/cost_models/test_profile.py and test_calibrate.py, validate in tests/test_validate.py).
+QUIET_RUNS = {
+    "plan": None,  # test_plan_quiet_prints_no_progress
+    "profile": ["profile", "--collectives", "--max-bytes", "2048"],
+    "validate": ["validate", "--model", "tiny-gpt2", "--mesh", "tp=2"],
+}
+
+
+def stub_slow_parts(monkeypatch) -> dict:
+    import autopar.cost_models.calibrate as calibrate
+    import autopar.profiler as profiler
+    import autopar.validate as validate
+
+    calls = {}
+    monkeypatch.setattr(validate, "validate", lambda *a, **k: {"plan": gpt_like_plan().to_json()})
+    monkeypatch.setattr(validate, "report", lambda res: "VALIDATE REPORT")
+    monkeypatch.setattr(profiler, "profile_model", lambda *a, **k: calls.setdefault("verbose", k["verbose"]))
+    monkeypatch.setattr(profiler, "report", lambda res: "PROFILE REPORT")
+    times = {"all_reduce": {1024: 1e-4, 2048: 1.5e-4}}
+    monkeypatch.setattr(calibrate, "launch_local", lambda *a, **k: times)
+    return calls
+
+
+def test_every_quiet_command_has_a_run():
+    quiet = {name for name, p in subcommands().items() if "--quiet" in p._option_string_actions}
+    assert quiet == set(QUIET_RUNS)
+
+
+@pytest.mark.parametrize("command", sorted(c for c in QUIET_RUNS if QUIET_RUNS[c]))
+def test_quiet(capsys, monkeypatch, command):
+    stub_slow_parts(monkeypatch)
+    code, out, err = run_cli(capsys, *QUIET_RUNS[command])
+    assert code == 0 and "autopar: " in err, err
+    code, quiet_out, quiet_err = run_cli(capsys, *QUIET_RUNS[command], "-q")
+    assert code == 0 and quiet_err == "" and quiet_out == out
+
+
+def test_profile_quiet_silences_the_profiling_rank(capsys, monkeypatch):
+    calls = stub_slow_parts(monkeypatch)
+    code, out, err = run_cli(capsys, "profile", "--quiet")
+    assert code == 0 and out == "PROFILE REPORT\n" and err == "" and calls["verbose"] is False
+
+
+def test_progress_reporter(capsys, monkeypatch):
+    from autopar import progress
+
+    assert progress.phase(print, "tracing") is progress.NULL  # plain callables keep working
+    with progress.phase(print, "solving", total=3, clock=True) as ph:
+        ph.advance()
+    quiet = progress.Reporter(quiet=True)
+    quiet("hidden")
+    assert quiet.phase("x") is progress.NULL and capsys.readouterr().err == ""
+    assert progress.Reporter(live=False).phase("x") is progress.NULL  # not a terminal: lines only
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    r = progress.Reporter(live=True)
+    with r.phase("mesh search", total=2) as search:
+        search.advance()
+        with progress.phase(r, "solving", total=4, clock=True):
+            deadline = time.monotonic() + 5
+            while r._bars is None or len(r._bars.tasks) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            r("a message above the bars")
+            time.sleep(0.3)
+    assert r._bars is None and r._phases == []
+    err = capsys.readouterr().err
+    assert "autopar: mesh search" in err and "1/2" in err and "autopar: a message above the bars" in err

@@ -510,7 +510,7 @@ def _sequence_sharded(node, cands: list, axes: dict) -> list:
     one; the solver then chooses how each op treats the shards (ring attention, Ulysses, gathering)."""
     cp = list(axes).index("cp")
     val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+    if not isinstance(val, torch.Tensor) or val.dim() < 2 or axes["cp"] == 1:  # cp=1 shards nothing
         return cands
     seq = [pl for pl in cands if pl[cp] == shard(1)]
     if not seq:

@@ -52,6 +52,16 @@ def test_cp_shards_inputs_by_sequence_and_replicates_parameters():
     assert {n["placements"]["cp"] for n in attn} == {"S(2)"}
 
 
+def test_cp_of_one_plans_like_no_cp():
+    """A cp=1 axis (a mesh written for a bigger cluster, scaled down) shards nothing; it used to
+    be refused as 'not divisible by 1' (found on the GPU check)."""
+    model, inputs = _long_gpt(seq=16)
+    with_cp = _plan(model, inputs, {"dp": 2, "cp": 1})
+    without = _plan(model, inputs, {"dp": 2})
+    assert with_cp.input_placements == [{**without.input_placements[0], "cp": "R"}]
+    assert with_cp.step_time_s == pytest.approx(without.step_time_s)
+
+
 def test_auto_attention_is_explained_with_the_cost_of_each_scheme():
     model, inputs = build("hf_llama")
     plan = _plan(model, inputs, {"cp": 2})
