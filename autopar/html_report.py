@@ -591,8 +591,10 @@ def render_html(plan: Plan, sections: list[Section]) -> str:
             drawn.add("collectives-table")
             body.extend(f"<p>{_esc(n)}</p>" for n in s.notes)
             continue
-        if s.headers:
-            body.append(_table(s.headers, s.rows, s.right))
+        if s.headers:  # a column of text bars is drawn as the chart above instead
+            keep = [i for i in range(len(s.headers)) if i != s.bar]
+            body.append(_table([s.headers[i] for i in keep], [[r[i] for i in keep] for r in s.rows],
+                               {keep.index(i) for i in s.right if i in keep}))
         body.extend(f"<p>{_esc(n)}</p>" for n in s.notes)
     # charts whose section the tables no longer have (renamed or left out) still go on the page
     rest = [("Sharding per layer", "sharding-diagram", sharding), ("Memory per device (chart)", "memory-chart", memory),
