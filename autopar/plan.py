@@ -8,35 +8,41 @@ keyed by mesh axis name), never Python objects, so:
 * ``Plan.from_json`` / ``Plan.load`` run no code (plain ``json``) and validate every field, refusing
   bad input with :class:`autopar.errors.PlanError`, whose ``path`` is the JSON path of the fault,
   e.g. ``$.param_placements["fc1.weight"].tp``;
+* the format is a JSON Schema (draft 2020-12) shipped in the package,
+  ``autopar/schemas/plan-v3.schema.json`` (``Plan.schema()`` returns it), with a description on
+  every field. Python adds only what a schema can't say: the schema version is checked first,
+  placement keys must be axes of the plan's own mesh, and a pipeline has pp x virtual_stages stages;
 * ``Plan.hash()`` is the sha256 of the canonical JSON, used to check that every rank got the same
   plan.
 
 Schema version 2 added ``optimizer``; a version 1 plan loads with the default, ``"adamw"``.
 Schema version 3 added ``fusion`` (the generated kernels, codegen/fusion.py) and ``compression``
 (each gradient's and pipeline send's compression, solvers/compression.py); older plans load
-without them (no fusion recorded, nothing compressed).
+without them (no fusion recorded, nothing compressed). Each version only added optional fields, so one
+schema file, named after the version autopar writes, reads them all (``schema_version`` is one of
+1, 2, 3); a version that changes or removes a field gets a new file, ``plan-v4.schema.json``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import numbers
 import re
+import sys
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
 from . import placements as _placements
-from .cost_models.memory import OPTIMIZERS
 from .errors import PlanError
 from .mesh import AXIS_ORDER
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
-
-MODES = ("train", "infer")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -103,14 +109,22 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"plan is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", "$") from None
-        except (TypeError, ValueError) as e:  # e.g. bytes that are not UTF-8
+        except (TypeError, ValueError, RecursionError) as e:  # e.g. bytes that are not UTF-8
             raise PlanError(f"plan is not valid JSON: {e}", "$") from None
         return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: Any) -> "Plan":
-        validate(data)
-        return cls(**{**data, "schema_version": SCHEMA_VERSION})
+        try:
+            validate(data)
+            return cls(**{**data, "schema_version": SCHEMA_VERSION})
+        except RecursionError:
+            raise PlanError("plan is nested too deeply", "$") from None
+
+    @staticmethod
+    def schema() -> dict:
+        """The plan format as a JSON Schema (draft 2020-12): a fresh copy of autopar/schemas/plan-v3.schema.json."""
+        return json.loads(_schema_text())
 
     def save(self, path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
@@ -191,7 +205,7 @@ def format_seconds(s: float) -> str:
     return f"{s * 1e9:.1f} ns"
 
 
-# ---- validation --------------------------------------------------------------------------------
+# ---- validation: the schema file, plus what it can't say (module docstring) -------------------
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -209,6 +223,14 @@ def _key(path: str, key: str, *, bracket: bool = False) -> str:
     return f"{path}[{json.dumps(key, ensure_ascii=False)}]"
 
 
+def _path(parts) -> str:
+    """``$.a.b[3]["key with.dots"]``; the keys of FQN maps always in brackets."""
+    path = "$"
+    for p in parts:
+        path = f"{path}[{p}]" if isinstance(p, int) else _key(path, p, bracket=path in _FQN_MAPS)
+    return path
+
+
 def _type_name(v: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(v), "number" if isinstance(v, (int, float)) else type(v).__name__
@@ -219,23 +241,9 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _expect(ok: bool, path: str, what: str, v: Any) -> None:
-    if not ok:
-        try:
-            shown = json.dumps(v, ensure_ascii=False)
-        except (TypeError, ValueError):
-            shown = repr(v)
-        if len(shown) > 60:
-            shown = shown[:57] + "..."
-        raise PlanError(f"{_last(path)} must be {what}, got {_type_name(v)} {shown}", path)
+def _finite(v: Any) -> bool:
+    """A JSON number that is a finite float: NaN, ±Infinity and ints beyond float range are refused."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
 
 
 def _last(path: str) -> str:
@@ -246,188 +254,148 @@ def _last(path: str) -> str:
     return m.group(1) or (json.loads(m.group(2)) if m.group(2).startswith('"') else f"item {m.group(2)}")
 
 
-def _check_dict(v: Any, path: str, value_ok: Callable[[Any], bool], value_what: str, *, bracket: bool = False) -> None:
-    _expect(isinstance(v, dict), path, "an object", v)
-    for k, x in v.items():
-        _expect(value_ok(x), _key(path, k, bracket=bracket), value_what, x)
+def _shown(v: Any) -> str:
+    shown = json.dumps(v, ensure_ascii=False, default=repr)  # from_dict may be handed Python objects
+    return shown[:57] + "..." if len(shown) > 60 else shown
 
 
-def _check_placements(v: Any, path: str, mesh: dict[str, int]) -> None:
-    """A placements dict: {axis: "R" | "S(d)" | "P(op)"} with every axis in the mesh."""
-    _expect(isinstance(v, dict), path, "an object of mesh axis to placement", v)
-    for axis, text in v.items():
-        p = _key(path, axis)
-        if axis not in mesh:
-            raise PlanError(f"mesh axis {axis!r} is not in the plan's mesh {list(mesh)}", p)
-        _expect(isinstance(text, str), p, "a placement string", text)
-        try:
-            _placements.parse(text)
-        except ValueError as e:
-            raise PlanError(str(e), p) from None
+_FQN_MAPS = ("$.param_placements", "$.compression.grads", "$.explanations")
+_TYPES = {"integer": lambda v: _is_int(v) and _finite(v), "number": _finite, "string": lambda v: isinstance(v, str),
+          "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+          "boolean": lambda v: isinstance(v, bool), "null": lambda v: v is None}
+_EXPECTED = {"integer": "an int", "number": "a finite number", "string": "a string", "object": "an object",
+             "array": "an array", "boolean": "a boolean", "null": "null"}
 
 
-def _check_placements_or_list(v: Any, path: str, mesh: dict[str, int]) -> None:
-    if v is None:  # a node without a tensor value (e.g. the graph output)
-        return
-    if isinstance(v, list):  # multi-output node: one placements dict per output (None for non-tensors)
-        for i, x in enumerate(v):
-            if x is not None:
-                _check_placements(x, f"{path}[{i}]", mesh)
+@functools.lru_cache(maxsize=1024)
+def _placement(text: str) -> str | None:
+    """None for a good placement string, else what is wrong with it (cached: plans repeat a few)."""
+    try:
+        _placements.parse(text)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+_FORMATS = {"placement": lambda v: not isinstance(v, str) or _placement(v) is None}
+
+
+@functools.cache
+def _schema_text() -> str:
+    return (resources.files("autopar") / "schemas" / f"plan-v{SCHEMA_VERSION}.schema.json").read_text("utf-8")
+
+
+@functools.lru_cache(maxsize=64)
+def _checkers(axes: tuple[str, ...] | None) -> tuple[Callable[[Any], bool], Any]:
+    """(fast yes/no check, jsonschema validator) for plans whose placements are keyed by ``axes``: the
+    schema with ``$defs/meshAxis`` narrowed to them; built once per set of mesh axes."""
+    from jsonschema import Draft202012Validator, FormatChecker, validators  # imported on first use (~75 ms)
+
+    s, formats = Plan.schema(), FormatChecker(())
+    for name, ok in _FORMATS.items():
+        formats.checks(name)(ok)
+    if axes is not None:
+        s["$defs"]["meshAxis"]["enum"] = list(axes)
+    types = Draft202012Validator.TYPE_CHECKER.redefine_many({t: lambda _, v, ok=ok: ok(v) for t, ok in _TYPES.items()})
+    return _compile(s, s, {}), validators.extend(Draft202012Validator, type_checker=types)(s, format_checker=formats)
+
+
+def _compile(s: Any, root: dict, memo: dict) -> Callable[[Any], bool]:
+    """The schema as nested closures: a yes/no ``is_valid`` for the keywords the plan schema uses,
+    about 20x faster than jsonschema on a big plan. jsonschema stays the reference: it runs when this
+    says no, to find the error (a keyword this doesn't know compiles to "no", deferring to it)."""
+    if isinstance(s, bool):
+        return lambda x: s
+    if id(s) in memo:  # recursive $defs (a shape's dims)
+        return memo[id(s)]
+    checks: list[Callable[[Any], bool]] = []
+    memo[id(s)] = lambda x: all(c(x) for c in checks)
+    sub, known = (lambda t: _compile(t, root, memo)), set(s.get("properties", ()))
+    for k, v in s.items():
+        if k == "$ref" and v.startswith("#/$defs/"):
+            checks.append(sub(root["$defs"][v[len("#/$defs/"):]]))
+        elif k == "type":
+            ts = [_TYPES[t] for t in ([v] if isinstance(v, str) else v)]
+            checks.append(ts[0] if len(ts) == 1 else lambda x, ts=ts: any(t(x) for t in ts))
+        elif k == "enum" and all(isinstance(e, str) for e in v):
+            checks.append(lambda x, v=frozenset(v): isinstance(x, str) and x in v)
+        elif k == "enum":
+            checks.append(lambda x, v=v: any(type(x) is type(e) and x == e for e in v))
+        elif k == "required":
+            checks.append(lambda x, v=v: not isinstance(x, dict) or all(r in x for r in v))
+        elif k == "properties":
+            ps = [(p, f) for p, f in ((p, sub(t)) for p, t in v.items()) if f is not _ANY]
+            checks.append(lambda x, ps=ps: not isinstance(x, dict) or all(f(x[p]) for p, f in ps if p in x))
+        elif k == "additionalProperties":
+            checks.append(lambda x, f=sub(v): not isinstance(x, dict) or all(f(y) for p, y in x.items()
+                                                                              if p not in known))
+        elif k == "propertyNames":
+            checks.append(lambda x, f=sub(v): not isinstance(x, dict) or all(map(f, x)))
+        elif k == "items":
+            checks.append(lambda x, f=sub(v): not isinstance(x, list) or all(map(f, x)))
+        elif k == "minimum":
+            checks.append(lambda x, v=v: not _finite(x) or x >= v)
+        elif k == "format":
+            checks.append(_FORMATS.get(v, lambda x: False))
+        elif k not in ("$schema", "$id", "$defs", "title", "description"):
+            checks.append(lambda x: False)
+    if len(checks) < 2:  # no closure around a single check (a recursive reference keeps the general one)
+        memo[id(s)] = checks[0] if checks else _ANY
+    return memo[id(s)]
+
+
+def _ANY(x: Any) -> bool:
+    return True
+
+
+def _plan_error(e, mesh_axis: dict) -> PlanError:
+    """The jsonschema error as a PlanError: what was expected, what was found, at autopar's JSON path."""
+    path, v, kw = _path(e.absolute_path), e.instance, e.validator
+    if "propertyNames" in e.absolute_schema_path:  # a bad key: point at it
+        path = _key(path, v)
+    if kw == "enum" and e.schema is mesh_axis:
+        return PlanError(f"mesh axis {v!r} is not in the plan's mesh {mesh_axis['enum']}", path)
+    if kw == "required":
+        key = next(k for k in e.validator_value if k not in v)
+        return PlanError(f"required field {key!r} is missing", _key(path, key))
+    if kw == "additionalProperties":
+        known = sorted(e.schema.get("properties", ()))
+        unknown = sorted(set(v) - set(known))
+        return PlanError(f"{'plan' if path == '$' else _last(path)} has unknown field(s) {unknown}; known fields "
+                         f"are {known}", _key(path, unknown[0]))
+    if kw == "format":
+        return PlanError(_placement(v), path)
+    if kw == "type":
+        types = e.validator_value
+        names = [_EXPECTED[t] for t in ([types] if isinstance(types, str) else types)]
+        what = ", ".join(names[:-1]) + " or " * (len(names) > 1) + names[-1]
     else:
-        _check_placements(v, path, mesh)
-
-
-def _check_shape(v: Any, path: str) -> None:
-    if v is None:
-        return
-    _expect(isinstance(v, list), path, "an array of ints (or of shapes, for a multi-output node) or null", v)
-    for i, x in enumerate(v):
-        if isinstance(x, list) or x is None:
-            _check_shape(x, f"{path}[{i}]")
-        else:
-            _expect(_is_int(x), f"{path}[{i}]", "an int", x)
-
-
-def _require(d: dict, key: str, path: str) -> Any:
-    if key not in d:
-        raise PlanError(f"required field {key!r} is missing", _key(path, key))
-    return d[key]
-
-
-def _check_node(n: Any, path: str, mesh: dict[str, int]) -> None:
-    _expect(isinstance(n, dict), path, "an object", n)
-    for key in ("name", "op"):
-        _expect(_is_str(_require(n, key, path)), _key(path, key), "a string", n[key])
-    _check_placements_or_list(_require(n, "placements", path), _key(path, "placements"), mesh)
-    if "shape" in n:
-        _check_shape(n["shape"], _key(path, "shape"))
-    if "dtype" in n:
-        d = n["dtype"]
-        ok = d is None or _is_str(d) or (isinstance(d, list) and all(x is None or _is_str(x) for x in d))
-        _expect(ok, _key(path, "dtype"), "a string, an array of strings or null", d)
-    if "compute_s" in n:
-        _expect(_is_num(n["compute_s"]), _key(path, "compute_s"), "a number", n["compute_s"])
-
-
-def _check_collective(c: Any, path: str, mesh: dict[str, int]) -> None:
-    _expect(isinstance(c, dict), path, "an object", c)
-    _expect(_is_str(_require(c, "op", path)), _key(path, "op"), "a string", c["op"])
-    axis = _require(c, "axis", path)
-    _expect(_is_str(axis), _key(path, "axis"), "a string", axis)
-    if axis not in mesh:
-        raise PlanError(f"mesh axis {axis!r} is not in the plan's mesh {list(mesh)}", _key(path, "axis"))
-    for key in ("bytes", "time_s"):
-        _expect(_is_num(_require(c, key, path)), _key(path, key), "a number", c[key])
-    for key in ("phase", "tensor", "node"):
-        if key in c:
-            _expect(_is_str(c[key]) or c[key] is None, _key(path, key), "a string", c[key])
-    for key in ("src", "dst"):
-        if key in c and c[key] is not None:
-            _check_placements(c[key], _key(path, key), mesh)
-
-
-def _check_explanation(e: Any, path: str) -> None:
-    _expect(isinstance(e, dict), path, "an object", e)
-    for key in ("chosen", "reason"):
-        if key in e:
-            _expect(_is_str(e[key]), _key(path, key), "a string", e[key])
-    if "alternatives" in e:
-        alts = e["alternatives"]
-        _expect(isinstance(alts, list), _key(path, "alternatives"), "an array", alts)
-        for i, a in enumerate(alts):
-            ap = f"{_key(path, 'alternatives')}[{i}]"
-            _expect(isinstance(a, dict), ap, "an object", a)
-            if "cost_s" in a:
-                _expect(_is_num(a["cost_s"]) or a["cost_s"] is None, _key(ap, "cost_s"), "a number", a["cost_s"])
+        what = {"enum": f"one of {e.validator_value}", "minimum": f"at least {e.validator_value}"}.get(
+            kw, e.message[:80])
+    if "propertyNames" in e.absolute_schema_path:
+        return PlanError(f"key {v!r} must be {what}", path)
+    about = e.schema.get("description", "").split(". ")[0].rstrip(".")  # what the field is, from the schema
+    about = f"; {_last(path)}: {about[:1].lower()}{about[1:]}" if about else ""
+    return PlanError(f"{_last(path)} must be {what}, got {_type_name(v)} {_shown(v)}{about}", path)
 
 
 def validate(data: Any) -> None:
-    """Check a decoded plan document; raise PlanError at the JSON path of the first fault."""
-    _expect(isinstance(data, dict), "$", "a JSON object", data)
-    version = data.get("schema_version", "missing")
+    """Check a decoded plan document; raise PlanError at the JSON path of the fault."""
+    doc = data if isinstance(data, dict) else {"schema_version": SCHEMA_VERSION}  # the schema refuses the rest
+    version = doc.get("schema_version", "missing")
     if not _is_int(version) or version not in READABLE_VERSIONS:
         raise PlanError(f"plan schema version {version}; this autopar reads versions {READABLE_VERSIONS[0]} to "
                         f"{SCHEMA_VERSION}", "$.schema_version")
-
-    known = {f.name for f in fields(Plan)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise PlanError(f"plan has unknown field(s) {unknown}; known fields are {sorted(known)}", _key("$", unknown[0]))
-    optional = {"warnings", "explanations", "schema_version", "optimizer", "pipeline", "fusion", "compression"}
-    for name in sorted(known - optional):
-        _require(data, name, "$")
-
-    mesh = data["mesh"]
-    _check_dict(mesh, "$.mesh", lambda n: _is_int(n) and n >= 1, "a positive int")
-    for key in ("hardware", "graph_hash", "model"):
-        _expect(_is_str(data[key]), f"$.{key}", "a string", data[key])
-    _expect(data["mode"] in MODES, "$.mode", f"one of {list(MODES)}", data["mode"])
-    opt = data.get("optimizer", "adamw")
-    _expect(opt in tuple(OPTIMIZERS), "$.optimizer", f"one of {list(OPTIMIZERS)}", opt)
-    _expect(_is_num(data["step_time_s"]), "$.step_time_s", "a number", data["step_time_s"])
-    _expect(_is_int(data["peak_memory_bytes"]), "$.peak_memory_bytes", "an int", data["peak_memory_bytes"])
-    _check_dict(data["memory"], "$.memory", _is_int, "an int (bytes)")
-    _check_dict(data["time_breakdown"], "$.time_breakdown", _is_num, "a number (seconds)")
-
-    if set(mesh) == {"pp"}:  # the stages of a pp-only mesh are laid out on a one-device "tp" axis
+    mesh = doc.get("mesh")
+    if isinstance(mesh, dict) and set(mesh) == {"pp"}:  # a pp-only mesh lays its stages out on a one-device tp axis
         mesh = {**mesh, "tp": 1}
-    pp = data["param_placements"]
-    _expect(isinstance(pp, dict), "$.param_placements", "an object of FQN to placements", pp)
-    for fqn, pl in pp.items():
-        _check_placements(pl, _key("$.param_placements", fqn, bracket=True), mesh)
+    ok, validator = _checkers(tuple(mesh) if isinstance(mesh, dict) else None)
+    if not ok(data):
+        from jsonschema.exceptions import best_match
 
-    ip = data["input_placements"]
-    _expect(isinstance(ip, list), "$.input_placements", "an array", ip)
-    for i, pl in enumerate(ip):
-        if pl is not None:  # non-tensor inputs have no placement
-            _check_placements(pl, f"$.input_placements[{i}]", mesh)
-
-    nodes = data["nodes"]
-    _expect(isinstance(nodes, list), "$.nodes", "an array", nodes)
-    for i, n in enumerate(nodes):
-        _check_node(n, f"$.nodes[{i}]", mesh)
-
-    cols = data["collectives"]
-    _expect(isinstance(cols, list), "$.collectives", "an array", cols)
-    for i, c in enumerate(cols):
-        _check_collective(c, f"$.collectives[{i}]", mesh)
-
-    pipe = data.get("pipeline")
-    if pipe is not None:
-        _expect(isinstance(pipe, dict), "$.pipeline", "an object", pipe)
-        for key in ("bounds", "stage_times_s", "stage_memory_bytes", "layers"):
-            _require(pipe, key, "$.pipeline")
-            _expect(isinstance(pipe[key], list), _key("$.pipeline", key), "an array", pipe[key])
-        v = pipe.get("virtual_stages", 1)
-        _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 1, "$.pipeline.virtual_stages",
-                "a positive integer", v)
-        _expect(len(pipe["bounds"]) == mesh.get("pp", 0) * v, "$.pipeline.bounds",
-                f"one [start, end) per stage: pp x virtual_stages = {mesh.get('pp')} x {v}", pipe["bounds"])
-        _expect(pipe.get("schedule", "1f1b") in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1"), "$.pipeline.schedule",
-                "one of gpipe, 1f1b, interleaved-1f1b, zb-h1", pipe.get("schedule"))
-        _expect(isinstance(pipe.get("microbatches", 1), int) and pipe.get("microbatches", 1) >= 1,
-                "$.pipeline.microbatches", "a positive integer", pipe.get("microbatches"))
-    for key in ("fusion", "compression"):
-        _expect(data.get(key) is None or isinstance(data[key], dict), f"$.{key}", "an object or null", data.get(key))
-    comp = data.get("compression") or {}
-    grads = comp.get("grads", {})
-    _expect(isinstance(grads, dict), "$.compression.grads", "an object of FQN to choice", grads)
-    for fqn, choice in grads.items():
-        where = _key("$.compression.grads", fqn, bracket=True)
-        _expect(isinstance(choice, dict) and _is_str(choice.get("method")), where, 'an object with a "method" string',
-                choice)
-    solver = data["solver"]
-    _expect(isinstance(solver, dict), "$.solver", "an object", solver)
-    for key in ("name", "status"):
-        if key in solver:
-            _expect(_is_str(solver[key]), _key("$.solver", key), "a string", solver[key])
-
-    warnings = data.get("warnings", [])
-    _expect(isinstance(warnings, list), "$.warnings", "an array", warnings)
-    for i, w in enumerate(warnings):
-        _expect(_is_str(w), f"$.warnings[{i}]", "a string", w)
-
-    expl = data.get("explanations", {})
-    _expect(isinstance(expl, dict), "$.explanations", "an object", expl)
-    for target, e in expl.items():
-        _check_explanation(e, _key("$.explanations", target, bracket=True))
+        if (error := best_match(validator.iter_errors(data))) is not None:
+            raise _plan_error(error, validator.schema["$defs"]["meshAxis"])
+    pipe = doc.get("pipeline")
+    if pipe is not None and len(pipe["bounds"]) != mesh.get("pp", 0) * pipe.get("virtual_stages", 1):
+        raise PlanError(f"bounds must be one [start, end) per stage: pp x virtual_stages = {mesh.get('pp', 0)} x "
+                        f"{pipe.get('virtual_stages', 1)}, got {len(pipe['bounds'])}", "$.pipeline.bounds")

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from autopar import Plan
 from autopar.errors import PlanError
+from autopar.plan import _checkers
 
 GOLDEN = sorted((Path(__file__).parent / "golden").glob("*.json"))
 DOCS = [json.loads(p.read_text()) for p in GOLDEN]
@@ -68,6 +69,13 @@ def mutated(draw):
 def test_mutated_plans_load_or_fail_with_a_json_path(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("plan") / "plan.json"
     path.write_text(text, encoding="utf-8")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("mesh"), dict):  # the fast check agrees with jsonschema
+        fast, reference = _checkers(tuple(doc["mesh"]))
+        assert fast(doc) == reference.is_valid(doc)
     try:
         plan = Plan.load(path)
     except PlanError as e:
