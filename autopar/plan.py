@@ -70,6 +70,7 @@ class Plan:
     fusion: dict | None = None  # backend and the fused kernels of the per-rank program (codegen/fusion.py)
     # {"grads": {FQN: {"method", ...}}, "pipeline": method or None, ...} (solvers/compression.py)
     compression: dict | None = None
+    model_flops: float | None = None  # the whole model's FLOPs per step (forward, + backward ~2x when training)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

@@ -8,10 +8,11 @@ import math
 
 import numpy as np
 
+from ..cost_models.compute import op_flops
 from ..placements import local_shape
 from .annotate import Annotated, attention_scheme, gathers, grad_placements, moe_row_share
 from .moe import MOE_OP
-from .strategies import VIEW_OPS, greedy_steps, moe_a2a_axes, moe_roles, op_name, outputs_meta
+from .strategies import VIEW_OPS, greedy_steps, moe_a2a_axes, moe_roles, op_name, outputs_meta, tensor_inputs
 
 
 def moe_layout(s, axes) -> str:
@@ -215,7 +216,25 @@ def build_plan(an: Annotated, solution, hardware: str):
         solver={"name": solution.stats.get("solver", "cp-sat"), "status": solution.status,
                 "objective_s": float(solution.objective), "solve_time_s": float(solution.solve_time_s),
                 **{k: v for k, v in solution.stats.items() if isinstance(v, (int, float, str))}},
-        warnings=list(an.warnings), explanations=explanations, optimizer=an.optimizer)
+        warnings=list(an.warnings), explanations=explanations, optimizer=an.optimizer, model_flops=model_flops(an))
+
+
+def model_flops(an: Annotated) -> float:
+    """The whole model's FLOPs per step on the traced graph's global shapes, the numerator of MFU:
+    Σ op_flops over its ops (an MoE layer: φ·T·k, its body's FLOPs per row times its rows), times 3
+    when training (backward ≈ 2 × forward, the usual MFU convention)."""
+    total = 0.0
+    for v, node in enumerate(an.nodes):
+        name = op_name(node)
+        if an.kind[v] != "op" or name in VIEW_OPS:
+            continue
+        ins = [a.meta["val"] for a in tensor_inputs(node)]
+        if name == MOE_OP:
+            total += node.target.flops_per_row * ins[0].shape[0] * node.target.top_k
+        else:
+            outs = [tuple(o.shape) for o in outputs_meta(node) if o is not None]
+            total += op_flops(name, [tuple(t.shape) for t in ins], outs)
+    return float(total * (3 if an.mode == "train" else 1))
 
 
 def _memory(an: Annotated, chosen, choice) -> tuple[dict, list[float]]:
