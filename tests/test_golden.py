@@ -34,3 +34,12 @@ def test_plan_matches_golden(name):
     a, b = decisions(stored), decisions(fresh)
     for key in a:
         assert a[key] == b[key], f"{name}: {key} changed; if intended, run tests/golden/regen.py and explain why in the commit"
+
+
+def test_model_flops_count_the_matmuls_forward_and_backward():
+    """MFU's numerator: the MLP's three matmuls, 2·B·(d·h + h·h + h·o) FLOPs forward, x3 for a
+    training step; the pointwise ops add well under 1%."""
+    plan = autopar.Plan.load(os.path.join(GOLDEN, "mlp_dp8_h100.json"))
+    b, d, h, o = 1 << 18, 128, 256, 128
+    matmuls = 3 * 2 * b * (d * h + h * h + h * o)
+    assert matmuls <= plan.model_flops <= 1.01 * matmuls
