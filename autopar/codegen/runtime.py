@@ -382,19 +382,21 @@ class CompiledModule(nn.Module):
         """Places where DTensor produced a placement other than the plan's (should stay empty)."""
         return self._autopar["fixups"]
 
-    def save_checkpoint(self, path) -> None:
-        """Save this rank's sharded parameters and buffers with torch.distributed.checkpoint (no
-        pickling); a pipeline's ranks save their own stages' (FQNs are unique across stages)."""
-        import torch.distributed.checkpoint as dcp
+    def save_checkpoint(self, path, optimizer=None) -> None:
+        """Save parameters, buffers and ``optimizer``'s state with torch.distributed.checkpoint,
+        every rank writing its own shards (a pipeline's ranks their stages'), atomically: an
+        earlier checkpoint at ``path`` is replaced only once this one is complete
+        (codegen/checkpoint.py). Every rank calls it."""
+        from .checkpoint import save_checkpoint
 
-        dcp.save(self.state_dict(), checkpoint_id=str(path))
+        save_checkpoint(self, path, optimizer)
 
-    def load_checkpoint(self, path) -> None:
-        import torch.distributed.checkpoint as dcp
+    def load_checkpoint(self, path, optimizer=None) -> None:
+        """Load a checkpoint saved under any plan and mesh (or ``autopar.save_checkpoint`` of a
+        plain model), resharded to this module's placements; refuses an unfinished one."""
+        from .checkpoint import load_checkpoint
 
-        state = self.state_dict()
-        dcp.load(state, checkpoint_id=str(path))
-        self.load_state_dict(state)
+        load_checkpoint(self, path, optimizer)
 
 
 class ParallelModule(CompiledModule):

@@ -58,9 +58,12 @@ def _contract(rank, world, tmpdir):
     except autopar.AutoparError as exc:
         out["bad_shape"] = str(exc)
 
-    # checkpoints round-trip through torch.distributed.checkpoint
+    # checkpoints round-trip through torch.distributed.checkpoint; a second save replaces the first
+    # once it is complete, leaving no temporary directory (tests/codegen/test_checkpoint.py has more)
     ckpt = os.path.join(tmpdir, "ckpt")
     pm.save_checkpoint(ckpt)
+    pm.save_checkpoint(ckpt)
+    out["checkpoint_dirs"] = sorted(d for d in os.listdir(tmpdir) if d.startswith("ckpt"))
     before = {n: p.full_tensor().clone() for n, p in pm.named_parameters()}
     with torch.no_grad():
         for p in pm.parameters():
@@ -89,6 +92,6 @@ def test_parallel_module_contract(tmp_path):
     assert out["other_model"] == "$.graph_hash"
     assert out["dtensor_input"]
     assert "compiled for" in out["bad_shape"] and "(4, 8)" in out["bad_shape"]
-    assert out["checkpoint"]
+    assert out["checkpoint"] and out["checkpoint_dirs"] == ["ckpt"]
     assert out["params_are_dtensors"]
     assert out["train_step"]
