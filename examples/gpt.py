@@ -42,6 +42,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
+        for emb in (self.wte, self.wpe):  # GPT-2's init: a tied head on N(0, 1) embeddings starts far from log(vocab)
+            nn.init.normal_(emb.weight, std=0.02)
 
     def forward(self, ids):
         x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))

@@ -6,8 +6,12 @@ gathers its expert's weights, and the rows are scattered back into their tokens 
 traced graph (passes/moe.py), and the plan shards the experts over the ``ep`` axis and moves the
 tokens to them by all-to-all.
 
-    python examples/moe.py                      # plan it on 8 H100s, dp=2 x ep=4, and explain the MoE layers
-    autopar run examples/moe.py --nproc 4       # train it on 4 CPU ranks, ep=4, checked against one process
+    python examples/moe.py                          # plan it on 8 H100s, dp=2 x ep=4, and explain the MoE layers
+    autopar run examples/moe.py --nproc 4           # train it on 4 CPU ranks, ep=4, checked against one process
+    python examples/moe.py --small                  # 1 layer, d=32 (the test; also under autopar run: ep=2, 2 steps)
+
+Trained, it prints the largest difference from the same model trained in one process (losses,
+gradients, parameters) and exits with status 1 if one is over the tolerance.
 """
 
 from __future__ import annotations
@@ -72,27 +76,48 @@ class MoEGPT(nn.Module):
         return self.head(x)
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, small: bool = False):
+    """The model and a batch of token ids; ``small``: 1 layer, d=32, 4 x 8 tokens (the test)."""
     torch.manual_seed(seed)
+    if small:
+        return MoEGPT(vocab=64, d=32, layers=1), (torch.randint(0, 64, (4, 8)),)
     return MoEGPT(), (torch.randint(0, 256, (8, 32)),)
 
 
-def plan_offline():
+EP = {"moe_*": {"ep": "S(0)"}, "*.moe.w_*": {"ep": "S(0)"}}  # experts sharded over ep, tokens moved by all-to-all
+TOLERANCE = {"loss": 1e-4, "grad": 1e-4, "param": 1e-4}
+
+
+def plan_offline(small: bool) -> int:
     import autopar
 
-    model, inputs = build()
-    plan = autopar.plan(model, autopar.Mesh({"dp": 2, "ep": 4}, hardware="h100-sxm"), inputs,
-                        pins={"moe_*": {"ep": "S(0)"}, "*.moe.w_*": {"ep": "S(0)"}})
+    model, inputs = build(small=small)
+    plan = autopar.plan(model, autopar.Mesh({"dp": 2, "ep": 4}, hardware="h100-sxm"), inputs, pins=EP)
     for name, e in plan.explanations.items():
         if name.startswith("moe_"):
             print(f"{name}: {e['chosen']}  ({e['reason'][:60]}...)")
             for alt in e["alternatives"]:
                 print(f"    {alt['moe']:<40} {alt['cost_s'] * 1e6:9.1f} us")
     print(f"predicted step: {plan.step_time_s * 1e3:.3f} ms")
+    return 0
 
 
-def train():
-    """Under ``autopar run --nproc 4``: ep=4, a few AdamW steps, checked against one process."""
+def max_diff(pm, ref, grad: bool) -> float:
+    """Largest |compiled - one process| over every parameter (or its gradient), on every rank."""
+    import torch.distributed as dist
+
+    ref_params = dict(ref.named_parameters())
+    worst = torch.zeros(())
+    with torch.no_grad():
+        for fqn, p in pm.named_parameters():
+            mine, theirs = (p.grad, ref_params[fqn].grad) if grad else (p, ref_params[fqn])
+            worst = torch.maximum(worst, (mine.full_tensor() - theirs).abs().max())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return worst.item()
+
+
+def train(small: bool, steps: int) -> int:
+    """Under ``autopar run --nproc N``: ep=N, a few AdamW steps, checked against one process."""
     import copy
 
     import torch.distributed as dist
@@ -100,21 +125,45 @@ def train():
     import autopar
 
     dist.init_process_group("gloo")
-    model, (ids,) = build()
+    rank = dist.get_rank()
+    model, (ids,) = build(small=small)
     ref = copy.deepcopy(model)
-    pm = autopar.compile(model, autopar.Mesh({"ep": 4}), example_inputs=(ids,),
-                         pins={"moe_*": {"ep": "S(0)"}, "*.moe.w_*": {"ep": "S(0)"}})
+    pm = autopar.compile(model, autopar.Mesh({"ep": dist.get_world_size()}), example_inputs=(ids,), pins=EP)
+    if rank == 0:
+        print(f"MoE layers: {sorted({n['moe']['layout'] for n in pm.plan.nodes if n.get('moe')})}")
     opt, ref_opt = torch.optim.AdamW(pm.parameters(), lr=1e-3), torch.optim.AdamW(ref.parameters(), lr=1e-3)
     target = torch.roll(ids, -1, 1)
-    for step in range(5):
+    diff = dict.fromkeys(TOLERANCE, 0.0)
+    for step in range(steps):
         loss = F.cross_entropy(pm(ids).flatten(0, 1), target.flatten())
         ref_loss = F.cross_entropy(ref(ids).flatten(0, 1), target.flatten())
         loss.backward(), ref_loss.backward()
+        diff["loss"] = max(diff["loss"], abs(loss.item() - ref_loss.item()))
+        diff["grad"] = max(diff["grad"], max_diff(pm, ref, grad=True))
         opt.step(), ref_opt.step(), opt.zero_grad(), ref_opt.zero_grad()
-        if dist.get_rank() == 0:
-            print(f"step {step}: loss {loss.item():.5f} (one process: {ref_loss.item():.5f})")
+        if rank == 0:
+            print(f"step {step}: loss {loss.item():.5f}  (1 process: {ref_loss.item():.5f})")
+    diff["param"] = max_diff(pm, ref, grad=False)
+    bad = [k for k, tol in TOLERANCE.items() if diff[k] > tol]
+    if rank == 0:
+        for k in TOLERANCE:
+            print(f"max |{k} diff| vs 1 process: {diff[k]:.2e}")
+        print("FAIL: " + ", ".join(f"{k} over {TOLERANCE[k]:g}" for k in bad) if bad else "OK: matches 1 process")
     dist.destroy_process_group()
+    return 1 if bad else 0
+
+
+def main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="plan the hand-written MoE offline, or train it under autopar run")
+    ap.add_argument("--small", action="store_true", help="1 layer, d=32, 2 steps (the test)")
+    ap.add_argument("--steps", type=int, help="optimizer steps under autopar run (default 5; 2 with --small)")
+    args = ap.parse_args()
+    if "RANK" in os.environ:
+        return train(args.small, args.steps or (2 if args.small else 5))
+    return plan_offline(args.small)
 
 
 if __name__ == "__main__":
-    train() if "RANK" in os.environ else plan_offline()
+    raise SystemExit(main())
