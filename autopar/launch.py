@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -15,21 +14,15 @@ import traceback
 from .errors import AutoparError
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, fn, args, outdir):
+def _worker(rank, world, fn, args, outdir):
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)  # one local "device" is one rank with one thread, as under torchrun
     result = None
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:  # rendezvous through a file in this run's own directory: no port to collide with another run's
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(outdir, 'store')}", rank=rank, world_size=world)
         result = ("ok", fn(rank, world, *args))
     except AutoparError as e:  # a user-facing error already says what is wrong: no traceback
         result = ("error", f"{type(e).__name__}: {e}")
@@ -55,7 +48,7 @@ def run_local(fn, world: int, *args, timeout: float = 900) -> list:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="autopar-ranks-") as outdir:
-        ctx = mp.start_processes(_worker, args=(world, free_port(), fn, args, outdir), nprocs=world,
+        ctx = mp.start_processes(_worker, args=(world, fn, args, outdir), nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
