@@ -136,6 +136,29 @@ def _trainable(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 
+def explain_infeasible(tg, axes: dict | None, hw, limit: float, *, mode: str = "train", trainable=None,
+                       optimizer: str = "adamw", **facts) -> str | None:
+    """Why no layout of ``tg`` on mesh ``axes`` (None: any mesh of ``facts["devices"]`` devices)
+    can fit ``limit`` bytes per device, in z3's words (solvers/feasibility.py), or None. The state
+    is counted as the memory model counts it (a lower bound of it: optimizer state at its linear
+    rate): tied parameters once, gradient and state for trained ones, MoE experts apart."""
+    from .cost_models.memory import OPTIMIZERS
+    from .solvers.feasibility import Request, explain
+
+    experts = {p for layer in tg.moe for p in layer.params}
+    trainable = set(tg.params.values()) if trainable is None else trainable
+    state = [0.0, 0.0]  # S_d, S_e
+    for node in tg.gm.graph.nodes:
+        val = node.meta.get("val")
+        if (node.op == "placeholder" and node.name in tg.params and node.name not in tg.aliases and val is not None
+                and any(u.op == "call_function" for u in node.users)):  # an unused one is on no pipeline stage
+            trained = mode == "train" and tg.params[node.name] in trainable and val.dtype.is_floating_point
+            per = (1 + trained) * val.element_size() + trained * OPTIMIZERS[optimizer][0]
+            state[node.name in experts] += val.numel() * per
+    return explain(Request(limit, mesh=axes, hardware=hw.name, dense_state=state[0], expert_state=state[1],
+                           state=f"parameters, gradients and {optimizer} state" if mode == "train" else "parameters", **facts))
+
+
 def _op_profile(spec, hw):
     from .cost_models.profile import load_profile
 

@@ -237,15 +237,6 @@ EP_SIZES = (2, 4, 8, 16, 32, 64)  # for MoE models, the expert-parallel degrees 
 SEARCH_TIME_LIMIT_S, REFINE = 3.0, 2
 
 
-def _state_floor(model, optimizer: str) -> float:
-    """Bytes of parameters, gradients and optimizer state of ``model`` (tied ones once): what a
-    mesh must split over its tp, pp and ep axes (nothing shards them on dp or cp)."""
-    from .cost_models.memory import state_bytes
-
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(2 * p.numel() * p.element_size() + state_bytes(p.numel(), optimizer) for p in params if p.requires_grad)
-
-
 def candidate_meshes(devices: int, devices_per_node: int, pp_sizes=(1,), cp_sizes=(1,), ep_sizes=(1,)) -> list[dict[str, int]]:
     """Every ``{"pp": p, "dp": d, "ep": e, "cp": c, "tp": t}`` with ``p * d * e * c * t == devices``,
     ``p`` in ``pp_sizes``, ``e`` in ``ep_sizes`` (an MoE model's expert-parallel degrees, carved
@@ -325,8 +316,10 @@ def cmd_plan(args) -> int:
         ep_sizes = (1,) + tuple(e for e in EP_SIZES if all(n % e == 0 for n in experts)) if experts else (1,)
         if options.get("expert_parallel") is False:
             ep_sizes = (1,)
-        floor = _state_floor(model, args.optimizer)
-        capacity = load_hardware(args.hardware).memory_capacity_bytes
+        from .api import _trainable, explain_infeasible
+
+        hw = load_hardware(args.hardware)
+        state = {"mode": args.mode, "trainable": _trainable(model), "optimizer": args.optimizer}
 
         def plan_on(axes, **limit):
             return make_plan(model, Mesh(axes, hardware=args.hardware), example_inputs, traced=traced,
@@ -335,11 +328,9 @@ def cmd_plan(args) -> int:
         search = phase(say, f"mesh search ({len(meshes)} meshes)", total=len(meshes))
         for axes in meshes:
             search.advance()
-            split = axes.get("tp", 1) * axes.get("pp", 1) * axes.get("ep", 1)
-            if floor / split > capacity:  # parameters are replicated on dp and cp: no layout can fit
-                tried.append((axes, None, f"parameters, gradients and {args.optimizer} state alone need "
-                                          f"{format_bytes(floor / split)} per device even split {split} ways "
-                                          f"(tp x pp x ep), over {format_bytes(capacity)}"))
+            why = explain_infeasible(traced, axes, hw, hw.memory_capacity_bytes, **state)
+            if why:  # the model state alone overflows every layout (solvers/feasibility.py)
+                tried.append((axes, None, why))
                 continue
             say(f"planning mesh {fmt_mesh(axes)}")
             try:
@@ -363,7 +354,8 @@ def cmd_plan(args) -> int:
         feasible = [(axes, p) for axes, p, _ in tried if p is not None]
         if not feasible:
             reasons = "; ".join(f"{fmt_mesh(axes)}: {why}" for axes, _, why in tried)
-            raise InfeasibleError(f"no mesh of {args.devices} devices is feasible for {args.model}: {reasons}")
+            why = explain_infeasible(traced, None, hw, hw.memory_capacity_bytes, devices=args.devices, **state)
+            raise InfeasibleError(why or f"no mesh of {args.devices} devices is feasible for {args.model}: {reasons}")
         feasible.sort(key=lambda x: x[1].step_time_s)
         if "time_limit_s" not in options:  # solve the front runners to the full default limit
             for k, (axes, p) in enumerate(feasible[:REFINE]):

@@ -26,8 +26,9 @@ class PlanError(AutoparError):
 
 
 class InfeasibleError(AutoparError):
-    """No plan satisfies the constraints; ``explanation`` says which constraint cannot be met."""
+    """No plan satisfies the constraints; ``explanation`` says which constraint cannot be met.
+    ``need_bytes``: when memory is to blame, what every layout was proved to need per device."""
 
-    def __init__(self, explanation: str):
+    def __init__(self, explanation: str, need_bytes: float | None = None):
         super().__init__(explanation)
-        self.explanation = explanation
+        self.explanation, self.need_bytes = explanation, need_bytes

@@ -393,18 +393,6 @@ def test_plan_bad_context_parallel_request_is_a_clear_error(capsys):
     assert code != 0 and "needs a 'cp' mesh axis" in err and "Traceback" not in err
 
 
-def test_mesh_search_skips_meshes_whose_state_cannot_fit():
-    """--devices prices no mesh whose parameters, gradients and optimizer state alone overflow a
-    device once split over tp x pp x ep (nothing shards them over dp or cp)."""
-    from autopar import models
-    from autopar.cli import _state_floor
-
-    model, _ = models.build("gpt2")
-    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    assert _state_floor(model, "adamw") == 16 * n  # fp32 weights + grads + Adam's m and v
-    assert _state_floor(model, "sgd") == 8 * n
-
-
 def test_inspect_reports_the_optimality_gap_and_tied_layers():
     from autopar.report import _gap
 

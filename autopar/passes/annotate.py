@@ -274,6 +274,14 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
     needs_grad: dict[fx.Node, bool] = {}
     edges: list[Edge] = []
     trainable = set(tg.params.values()) if trainable is None else trainable
+    if memory_limit is not None:  # model state that no layout of this mesh can hold: said before any strategy
+        from ..api import explain_infeasible
+        from ..errors import InfeasibleError
+
+        facts = {"mode": mode, "trainable": trainable, "optimizer": optimizer}
+        why = explain_infeasible(tg, axes, hw, memory_limit, **facts)
+        if why:
+            raise InfeasibleError(why)
 
     def add(node, k, strats):
         index[node] = len(nodes)
@@ -379,7 +387,11 @@ def annotate(tg: TracedGraph, axes: dict[str, int], hw: Hardware, mode: str, *,
     if memory_limit is not None:  # a mesh nothing fits on is refused before its edges are priced
         from ..solvers.intra_op import check_memory_floor
 
-        check_memory_floor(node_cost, node_mem, [n.name for n in nodes], memory_limit)
+        try:
+            check_memory_floor(node_cost, node_mem, [n.name for n in nodes], memory_limit)
+        except InfeasibleError as e:  # z3's sentence first, the contributors after it
+            why = explain_infeasible(tg, axes, hw, memory_limit, least=e.need_bytes, **facts)
+            raise InfeasibleError(f"{why}. {e}" if why else str(e), e.need_bytes) from None
 
     # A gradient that several consumers send back to one tensor is summed locally and reduced
     # once, so each of those edges pays an equal share of the backward collective.

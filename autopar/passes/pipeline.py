@@ -32,7 +32,7 @@ import re
 import torch
 
 from ..cost_models.comm import collective_time
-from ..errors import AutoparError
+from ..errors import AutoparError, InfeasibleError
 from ..placements import local_shape, parse
 
 
@@ -176,7 +176,7 @@ def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=None, sc
     """
     import time
 
-    from ..api import _trainable, plan_traced
+    from ..api import _trainable, explain_infeasible, plan_traced
     from ..cost_models.comm import axis_links
     from ..solvers.inter_op import SCHEDULES, VIRTUAL_STAGES, choose_pipeline
     from .replicate import trace_deep
@@ -214,6 +214,10 @@ def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=None, sc
     n_layers = max(layer.values()) + 1
     if pp > n_layers:
         raise AutoparError(f"pp={pp} stages need at least {pp} layers; the model has {n_layers} ({container}.0 ...)")
+    why = explain_infeasible(tg, {"pp": pp, **mesh.axes}, hw, limit, mode=mode, trainable=_trainable(model),
+                             optimizer=options.get("optimizer", "adamw"))
+    if why:  # the model state alone overflows every split: said before the intra-op solve
+        raise InfeasibleError(why)
     inner = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=float("inf"),
                         trainable=_trainable(model), **options)
     batch = local_batch(inner, example_inputs)
@@ -239,7 +243,6 @@ def plan_pipeline(model, mesh, example_inputs, pp: int, *, microbatches=None, sc
 def _price_fixed(fixed: dict, totals, link, pp: int, m: int, schedule: str, limit: float):
     """The StagePlan of the split ``fixed["bounds"]`` ("equal": equal layer counts, the best v that
     gives them unless ``fixed["virtual_stages"]`` says)."""
-    from ..errors import InfeasibleError
     from ..solvers.inter_op import VIRTUAL_STAGES, evaluate_stages
 
     t, c, w, a, tf, tw = per_microbatch(totals, link, m)

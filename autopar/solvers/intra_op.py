@@ -950,8 +950,9 @@ def check_memory_floor(node_costs, node_memory, names, limit: float) -> None:
     p = ShardingProblem(node_costs=node_costs, node_memory=node_memory, edges=[], edge_costs=[],
                         memory_limit=limit, names=names)
     spans = [_memory_range(p, v) for v in range(p.num_nodes)]
-    if math.fsum(span[0] for span in spans if span) > limit:
-        raise InfeasibleError(_memory_message(p, limit, "memory limit cannot be met"))
+    need = math.fsum(span[0] for span in spans if span)
+    if need > limit:
+        raise InfeasibleError(_memory_message(p, limit, "memory limit cannot be met"), need)
 
 
 def _memory_message(p: ShardingProblem, limit: float, lead: str) -> str:
@@ -1162,7 +1163,7 @@ def solve(
             his.append(span[1])
         lo, hi = math.fsum(los), math.fsum(his)
         if lo > limit:
-            raise InfeasibleError(_memory_message(problem, limit, "memory limit cannot be met"))
+            raise InfeasibleError(_memory_message(problem, limit, "memory limit cannot be met"), lo)
         mem_limit = None if hi <= limit else float(limit)
         stats["memory_constraint"] = "active" if mem_limit is not None else "slack"
 
