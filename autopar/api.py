@@ -6,6 +6,7 @@ import math
 import os
 import time
 
+import torch
 import torch.nn as nn
 
 from .errors import AutoparError, MeshError, PlanError
@@ -75,6 +76,11 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     """
     _check(model, mesh, mode, optimizer)
     say = progress or (lambda msg: None)
+    if any(p.is_meta for p in model.parameters()):  # a meta model: only the inputs' shapes matter, on meta too
+        import torch.utils._pytree as pytree
+
+        example_inputs, example_kwargs = pytree.tree_map_only(
+            torch.Tensor, lambda t: t.to("meta"), (tuple(example_inputs), example_kwargs))
     if "pp" in mesh.axes:
         return _plan_pipelined(model, mesh, example_inputs, mode=mode, example_kwargs=example_kwargs,
                                time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes, progress=say,

@@ -131,3 +131,15 @@ def test_non_divisible_dims_are_never_sharded():
             if p and p["tp"].startswith("S("):
                 d = int(p["tp"][2:-1])
                 assert n["shape"][d] % 4 == 0, n
+
+
+def test_meta_model_with_real_example_inputs_plans_with_its_backward(capfd):
+    """A model on ``meta`` planned with ordinary CPU inputs (what a user writes): the inputs count
+    only by shape, so the joint forward+backward graph is traced, with no device-mismatch warning
+    and no anomaly-mode traceback on stderr."""
+    with torch.device("meta"):
+        model = MLP(d=64, hidden=128, out=64)
+    plan = autopar.plan(model, autopar.Mesh({"dp": 2}, hardware="h100-sxm"), (torch.randn(32, 64),))
+    assert not any("joint" in w for w in plan.warnings), plan.warnings
+    assert "Traceback" not in capfd.readouterr().err
+

@@ -292,7 +292,9 @@ def graph_hash(gm: fx.GraphModule, params: dict[str, str], buffers: dict[str, st
                 return "[" + ",".join(enc(x) for x in a) + "]"
             if isinstance(a, dict):
                 return "{" + ",".join(f"{k}:{enc(v)}" for k, v in sorted(a.items())) + "}"
-            if isinstance(a, torch.dtype | torch.device | torch.memory_format | torch.layout):
+            if isinstance(a, torch.device):  # a plan made on one device (meta, a CPU) applies on another
+                return "device"
+            if isinstance(a, torch.dtype | torch.memory_format | torch.layout):
                 return str(a)
             return repr(a)
 
