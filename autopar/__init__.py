@@ -4,7 +4,13 @@
     pm = autopar.compile(model, mesh, example_inputs=(ids,))
 """
 
-from .errors import AutoparError, InfeasibleError, MeshError, PlanError, TraceError
+import warnings as _warnings
+
+# torch's pytree deprecation notice fires inside torch.export for every model, on every rank; it
+# is torch's own, not the user's concern
+_warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+
+from .errors import AutoparError, InfeasibleError, MeshError, PlanError, TraceError  # noqa: E402
 from .mesh import Mesh
 from .plan import Plan  # noqa: E402  (loads the submodule autopar.plan before the function shadows it)
 from .api import compile, plan  # noqa: E402,A004  the function autopar.plan replaces the submodule attribute

@@ -663,10 +663,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
-    # torch's pytree deprecation notice fires inside torch.export for every model; it is not the user's concern
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

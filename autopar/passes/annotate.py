@@ -568,7 +568,7 @@ def _apply_pins(pins: dict, tg: TracedGraph, axes: dict, nodes, kind, strategies
             raise AutoparError(f"pin {pattern!r}: {e}") from None
     used = set()
     for v, node in enumerate(nodes):
-        if kind[v] not in ("param", "op"):
+        if kind[v] not in ("param", "op", "input"):  # inputs by their graph names, e.g. {"ids": {"dp": "S(0)"}}
             continue
         names = [node.name] + ([tg.params[node.name]] if kind[v] == "param" else [])
         hit = next((p for p in want if any(fnmatch.fnmatchcase(n, p) for n in names)), None)

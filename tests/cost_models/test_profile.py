@@ -105,6 +105,9 @@ def test_pins_fix_placements_and_bad_pins_say_why():
     plan = autopar.plan(model, mesh, inputs, pins={"fc*.weight": "S(1)"}, op_profile=None)
     assert all(plan.param_placements[f"fc{i}.weight"]["tp"] == "S(1)" for i in (1, 2, 3))
     assert "fc*.weight" in plan.solver["pins"]
+    # inputs are pinned by their graph names (the batch split over dp from the input on)
+    dp = autopar.plan(model, autopar.Mesh({"dp": 2}, hardware="local"), inputs, pins={"x": "S(0)"}, op_profile=None)
+    assert dp.input_placements == [{"dp": "S(0)"}]
     with pytest.raises(AutoparError, match="match no parameter"):
         autopar.plan(model, mesh, inputs, pins={"nope.*": "R"})
     with pytest.raises(AutoparError, match="it can be: R; S"):
