@@ -11,7 +11,6 @@ import difflib
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -188,7 +187,7 @@ def cmd_diff(args) -> int:
     changed = []
     for fqn in _union(a.param_placements, b.param_placements):
         pa, pb = a.param_placements.get(fqn), b.param_placements.get(fqn)
-        if pa != pb:
+        if _non_replicated(pa) != _non_replicated(pb):  # replicated on every axis is one layout, whatever the mesh
             changed.append((fqn, (_opt(pa, fmt_placements), _opt(pb, fmt_placements))))
     rows = [[name, va, vb] for name, (va, vb), _ in group_names(changed)]
     print(render_text([Section(f"Parameter placements that differ ({len(changed)})", ["parameter", "a", "b"], rows)]))
@@ -203,6 +202,10 @@ def cmd_diff(args) -> int:
             )
     print(render_text([Section("Collective totals that differ", ["phase", "op", "axis", "count", "bytes", "time"], rows, right={3, 4, 5})]), end="")
     return 0
+
+
+def _non_replicated(pl: dict | None) -> dict | None:
+    return None if pl is None else {a: p for a, p in pl.items() if p != "R"}
 
 
 def _union(x: dict, y: dict) -> list:
@@ -393,29 +396,14 @@ def cmd_run(args, script_args: list[str]) -> int:
         raise AutoparError(f"--nproc must be a positive int, got {args.nproc}")
     if not Path(args.script).is_file():
         raise AutoparError(f"script {args.script!r} does not exist")
+    if not args.timeout > 0:
+        raise AutoparError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    from .launch import run_script
+
     addr = args.master_addr or "127.0.0.1"  # loopback unless told otherwise
     port = args.master_port or _free_port(addr)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(args.nproc),
-        "--master-addr",
-        addr,
-        "--master-port",
-        str(port),
-        args.script,
-        *script_args,
-    ]
-    # Ranks import the same autopar as this launcher, installed or not.
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    try:
-        return subprocess.run(cmd, env=env).returncode
+    try:  # a failing rank stops the others; its traceback and a line naming it are printed
+        return run_script(args.script, script_args, nproc=args.nproc, addr=addr, port=port, timeout=args.timeout)
     except KeyboardInterrupt:
         return 130
 
@@ -612,11 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="launch local ranks with torch.distributed.run",
-        usage="autopar run SCRIPT --nproc N [--master-addr A] [--master-port P] [--] [script args...]",
+        usage="autopar run SCRIPT --nproc N [--timeout S] [--master-addr A] [--master-port P] [--] [script args...]",
         allow_abbrev=False,
     )
     p.add_argument("script")
     p.add_argument("--nproc", type=int, required=True, help="number of local ranks")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a collective may wait for the other ranks before the run fails (default: 300); "
+                        "ranks read it as $AUTOPAR_TIMEOUT when autopar.compile binds the process group")
     p.add_argument("--master-addr", help="rendezvous address (default: 127.0.0.1, loopback only)")
     p.add_argument("--master-port", type=int, help="rendezvous port (default: a free port)")
     p.set_defaults(func=cmd_run)

@@ -7,6 +7,7 @@ Planning needs only names, sizes and links; a process group is made only when a 
 from __future__ import annotations
 
 import math
+import os
 from enum import Enum
 
 from .errors import MeshError
@@ -86,15 +87,17 @@ class Mesh:
         return cls(axes, hardware=hardware)
 
     def device_mesh(self):
-        """Bind to the running default process group; the mesh size must equal the world size."""
+        """Bind to the running default process group; the mesh size must equal the world size.
+        Every group of the mesh, and the default one, waits ``collective_timeout()`` in a collective."""
         import torch
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         if not dist.is_available() or not dist.is_initialized():
             raise MeshError(
-                "no process group is running: launch with `torchrun` or `autopar run`, or use "
-                "autopar.plan(...) to plan without executing"
+                "no process group is running, and autopar.compile runs the model on one: launch the script with "
+                "`autopar run script.py --nproc N` (or torchrun) and call torch.distributed.init_process_group() "
+                "before compiling, or use autopar.plan(...) to plan without executing"
             )
         world = dist.get_world_size()
         if world != self.size:
@@ -106,4 +109,36 @@ class Mesh:
         shape, names = self.shape, self.names
         if names == ("pp",):  # each stage still runs its program on a (one-device) DeviceMesh
             shape, names = (*shape, 1), ("pp", "tp")
-        return init_device_mesh(device_type, shape, mesh_dim_names=names)
+        device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+        timeout = collective_timeout()
+        for group in {dist.group.WORLD, *device_mesh.get_all_groups()}:  # torch gives new groups its 30 min default
+            try:
+                dist.distributed_c10d._set_pg_timeout(timeout, group)  # private: skipped where it is missing
+            except (AttributeError, ValueError, RuntimeError):
+                pass
+        return device_mesh
+
+
+def collective_timeout():
+    """How long a collective waits for the other ranks before it fails (a ``timedelta``):
+    ``$AUTOPAR_TIMEOUT`` seconds (``autopar run --timeout``, default 300), else the default process
+    group's own (``init_process_group(timeout=...)``; torch's default is 30 minutes)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    text = os.environ.get("AUTOPAR_TIMEOUT")
+    if text:
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            raise MeshError(f"AUTOPAR_TIMEOUT must be a positive number of seconds, got {text!r}")
+        return timedelta(seconds=seconds)
+    pg = dist.group.WORLD
+    try:
+        return pg._get_backend(torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")).options._timeout
+    except (AttributeError, RuntimeError):
+        return dist.default_pg_timeout

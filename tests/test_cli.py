@@ -206,6 +206,24 @@ def test_diff(capsys, plan_path, tmp_path):
     assert "grad_sync" not in out.split("Collective totals that differ")[1]
 
 
+def test_diff_across_meshes_ignores_parameters_replicated_on_both(capsys, tmp_path):
+    """tp=R and dp=R,tp=R are one layout: a diff of plans on two meshes lists only real changes."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    plan = gpt_like_plan()
+    plan.save(a)
+
+    def no_dp(x):  # the same plan on a mesh without its dp axis
+        if isinstance(x, dict):
+            return {k: no_dp(v) for k, v in x.items() if k != "dp"}
+        return [no_dp(v) for v in x] if isinstance(x, list) else x
+    doc = json.loads(plan.to_json())
+    doc.update({k: no_dp(doc[k]) for k in ("mesh", "param_placements", "input_placements", "nodes")},
+               collectives=[c for c in doc["collectives"] if c["axis"] != "dp"])
+    Plan.from_dict(doc).save(b)
+    code, out, _ = run_cli(capsys, "diff", a, b)
+    assert code == 0 and "Parameter placements that differ (0)" in out
+
+
 def test_diff_identical(capsys, plan_path):
     code, out, _ = run_cli(capsys, "diff", plan_path, plan_path)
     assert code == 0 and "identical" in out
