@@ -243,7 +243,9 @@ def test_golden_timeline_ends_at_the_predicted_step():
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    why = install_chromium()
+    with open(os.path.join(tempfile.gettempdir(), "autopar-chromium-install.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers install it once, one at a time
+        why = install_chromium()
     if why is not None:
         pytest.skip(f"no headless Chromium: {why}")
     return CHROMIUM
