@@ -33,7 +33,7 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
          pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
          context_parallel: str = "auto", sequence_parallel: bool | None = None, capacity_factor: float | None = None,
          routing=None, expert_parallel: bool | None = None, traced=None, compression=None,
-         fusion_preview: bool = True):
+         fusion_preview: bool = True, comm_schedule: str = "auto"):
     """Plan ``model`` on ``mesh`` without running anything; works on the ``meta`` device.
 
     ``pins`` fixes placements the solver must keep: ``{"blocks.*.fc1.weight": "S(0)"}`` (fnmatch
@@ -70,6 +70,9 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
     ``calibration`` (``autopar.calibrate_compression(...)`` or its file; without it a runnable
     model is calibrated on ``example_inputs`` and a meta one on Gaussian gradients), ``methods``
     (the menu) and ``pipeline`` ("int8": stage-to-stage sends quantized in both directions).
+    ``comm_schedule="auto"`` (training, no ``pp`` axis) schedules the backward's gradient
+    all-reduces: buckets, their order and start times, chosen to hide them behind the backward
+    (``plan.comm_schedule``, passes/comm_schedule.py); ``"off"`` leaves it None.
     Returns an
     ``autopar.Plan``. Raises ``TraceError`` if the model cannot be traced and ``InfeasibleError``
     if no layout fits the device memory.
@@ -87,7 +90,8 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
                                op_profile=op_profile, pins=pins, optimizer=optimizer, stages=pipeline,
                                context_parallel=context_parallel, sequence_parallel=sequence_parallel,
                                capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
-                               traced=traced, compression=compression)
+                               traced=traced, compression=compression,
+                               comm_schedule="off")  # the stages' gradient syncs are not scheduled yet
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
     from .passes.replicate import trace_deep
@@ -101,7 +105,7 @@ def plan(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train", e
                        progress=say, trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
                        context_parallel=context_parallel, sequence_parallel=sequence_parallel,
                        capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
-                       compression=compression, model=model)
+                       compression=compression, model=model, comm_schedule=comm_schedule)
     if fusion_preview:
         plan.fusion = preview_fusion(tg, plan, mesh)
     return plan
@@ -177,7 +181,8 @@ def _op_profile(spec, hw):
 
 def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_bytes, progress, trainable=None,
                 op_profile="auto", pins=None, optimizer="adamw", context_parallel="auto", sequence_parallel=None,
-                capacity_factor=None, routing=None, expert_parallel=None, compression=None, model=None):
+                capacity_factor=None, routing=None, expert_parallel=None, compression=None, model=None,
+                comm_schedule="auto"):
     from .passes.annotate import annotate
     from .passes.build_plan import build_plan
     from .solvers.intra_op import solve
@@ -235,6 +240,13 @@ def plan_traced(tg, mesh: Mesh, mode: str, *, time_limit_s: float, memory_limit_
         from .compression import choose_compression
 
         choose_compression(plan, tg, hw, compression, model=model, progress=progress)
+    if comm_schedule not in ("auto", "off"):
+        raise AutoparError(f"comm_schedule must be 'auto' or 'off', got {comm_schedule!r}")
+    if comm_schedule == "auto" and mode == "train":
+        from .passes.comm_schedule import schedule_comm
+
+        schedule_comm(plan, hw, tg=tg, memory_limit_bytes=memory_limit_bytes, progress=progress,
+                      time_limit_s=min(5.0, time_limit_s))
     if context_parallel != "auto":
         plan.solver["context_parallel"] = context_parallel
     if sequence_parallel is not None:
@@ -266,19 +278,31 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
             plan=None, time_limit_s: float = 20.0, memory_limit_bytes: float | None = None, progress=None,
             op_profile="auto", pins: dict | None = None, optimizer: str = "adamw", pipeline: dict | None = None,
             context_parallel: str = "auto", sequence_parallel: bool | None = None, capacity_factor: float | None = None,
-            routing=None, expert_parallel: bool | None = None, compression=None, fusion: bool = True):
+            routing=None, expert_parallel: bool | None = None, compression=None, fusion: bool = True,
+            comm_schedule: str = "auto"):
     """Plan (or take ``plan``) and build the ParallelModule. Call on every rank.
 
     Every rank must reach the same plan; the plan hashes are compared across ranks and a
-    mismatch raises ``PlanError``. With a ``pp`` axis the result is a ``PipelinedModule``
-    (``codegen/pipeline.py``): train it with ``pm.train_step(*inputs, target=, loss_fn=)``;
-    ``pipeline`` fixes stage choices as in :func:`plan`; so does ``compression``. ``fusion``
-    fuses pointwise and row-reduction chains into generated Triton kernels where Triton runs
-    (CUDA, or ``TRITON_INTERPRET=1``); elsewhere the unfused torch ops run, and
-    ``module.plan.fusion`` records which and why.
+    mismatch raises ``PlanError`` naming the ranks. Dim 0 of every tensor input (the batch) must
+    split evenly over ``dp`` (and the microbatches): autopar pads no batch, it refuses one. With a
+    ``pp`` axis the result is a ``PipelinedModule`` (``codegen/pipeline.py``): train it with
+    ``pm.train_step(*inputs, target=, loss_fn=)``; ``pipeline`` fixes stage choices as in
+    :func:`plan`; so does ``compression``. ``fusion`` fuses pointwise and row-reduction chains into
+    generated Triton kernels where Triton runs (CUDA, or ``TRITON_INTERPRET=1``); elsewhere the
+    unfused torch ops run, and ``module.plan.fusion`` records which and why. ``comm_schedule`` as in
+    :func:`plan`.
+
+    Needs a running process group (``autopar run script.py --nproc N``, or torchrun, then
+    ``torch.distributed.init_process_group()``); without one it raises ``MeshError`` (use :func:`plan`
+    to plan offline). Collectives fail after ``$AUTOPAR_TIMEOUT`` seconds (``autopar run --timeout``,
+    default 300) instead of hanging on a rank that died or hangs; without it, the timeout given to
+    ``init_process_group(timeout=...)`` applies (torch's default: 30 min), so pass one.
     """
     _check(model, mesh, mode, optimizer)
+    import torch.utils._pytree as pytree
+
     from .codegen.lower import lower
+    from .codegen.pipeline import check_microbatches
     from .codegen.runtime import ParallelModule
     from .passes.annotate import CostContext
     from .passes.trace import trace
@@ -299,6 +323,7 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
                                   compression=compression)
     if pipeline is not None:
         raise AutoparError(f"pipeline={pipeline!r} fixes pipeline stages, but the mesh {dict(mesh.axes)} has no 'pp' axis")
+    check_microbatches(pytree.tree_leaves((example_inputs, example_kwargs)), 1, mesh.axes.get("dp", 1))
     tg = trace(model, example_inputs, example_kwargs)
     if plan is None:
         plan = plan_traced(tg, mesh, mode, time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
@@ -306,7 +331,7 @@ def compile(model: nn.Module, mesh: Mesh, example_inputs, *, mode: str = "train"
                            trainable=_trainable(model), op_profile=op_profile, pins=pins, optimizer=optimizer,
                            context_parallel=context_parallel, sequence_parallel=sequence_parallel,
                            capacity_factor=capacity_factor, routing=routing, expert_parallel=expert_parallel,
-                           compression=compression, model=model)
+                           compression=compression, model=model, comm_schedule=comm_schedule)
     else:
         check_graph_hash(plan, tg.graph_hash)
         if dict(plan.mesh) != dict(mesh.axes):
@@ -370,13 +395,34 @@ def _compile_pipelined(model, mesh: Mesh, device_mesh, example_inputs, example_k
 
 
 def _check_same_plan_everywhere(plan) -> None:
+    import re
+
     import torch.distributed as dist
 
+    from .mesh import collective_timeout
+
+    if dist.get_backend() == "gloo":  # all ranks must get here: gloo's monitored barrier names those that don't
+        timeout = collective_timeout()
+        try:
+            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+        except RuntimeError as exc:
+            late = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(exc))
+            if late is None:  # on the other ranks: rank 0 failed, and says why
+                raise
+            raise AutoparError(
+                f"timed out after {timeout.total_seconds():g} s waiting for rank(s) {late.group(1)} of "
+                f"{dist.get_world_size()} to reach autopar.compile's plan check: they failed, hang, or run other code "
+                "(the timeout is `autopar run --timeout` or $AUTOPAR_TIMEOUT)") from None
     mine = plan.hash()
     hashes = [None] * dist.get_world_size()
     dist.all_gather_object(hashes, mine)
     if len(set(hashes)) != 1:
-        bad = {r: h for r, h in enumerate(hashes) if h != hashes[0]}
+        groups: dict[str, list[int]] = {}
+        for r, h in enumerate(hashes):
+            groups.setdefault(h, []).append(r)
+        parts = "; ".join(f"rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))} {'have' if len(rs) > 1 else 'has'} "
+                          f"plan hash {h[:12]}" for h, rs in sorted(groups.items(), key=lambda g: -len(g[1])))
         raise PlanError(
-            f"ranks reached different plans (rank 0: {hashes[0]}, others: {bad}); the model, example inputs or "
-            "autopar versions differ between ranks. Plan once and pass plan=autopar.Plan.load(...) on every rank")
+            f"ranks reached different plans: {parts}. The model, example inputs, options or autopar versions differ "
+            "between ranks (or a solver hit its wall-clock safety limit: plan.solver['wall_limit_hit']). Plan once "
+            "and pass plan=autopar.Plan.load(...) on every rank")

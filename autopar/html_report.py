@@ -10,6 +10,8 @@ as tables, with a chart next to the section it draws. Each chart has a stable id
 * ``memory-chart``: a stacked bar of the memory per device (per pp rank on a pipelined plan), with
   the device's capacity;
 * ``pipeline-gantt``: the pipeline schedule, pass by pass (plans with a pp axis);
+* ``comm-schedule``: the backward's compute lane and a lane per mesh axis with the gradient
+  buckets of ``plan.comm_schedule``, idle time in grey (plans with one);
 * ``time-bars``: the step time's parts; ``collectives-table``: every collective, slowest first.
 """
 
@@ -25,8 +27,10 @@ from .report import (
     _COLOURS,
     _PASSES,
     COLLECTIVE_HEADERS,
+    COMM_SCHEDULE_TITLE,
     SCHEDULE_TITLE,
     Section,
+    _bucket,
     collective_row,
     fmt_mesh,
     group_names,
@@ -282,7 +286,7 @@ def _overlap_caption(plan: Plan) -> str:
     pipelined = any(k.startswith("all_stages_") for k in tb)
     first = ("compute_s", "comm_fwd_s", "comm_bwd_s", "grad_sync_s")
     rank = lambda k: (first.index(k.removeprefix("all_stages_")) if k.removeprefix("all_stages_") in first else len(first), k)  # noqa: E731
-    parts = {k: tb[k] for k in sorted(tb, key=rank) if k != "pipeline_step_s"}
+    parts = {k: tb[k] for k in sorted(tb, key=rank) if k not in ("pipeline_step_s", "grad_sync_exposed_s")}
     summed = sum(v for v in parts.values() if isinstance(v, (int, float)))
     lines = ["This is the cost model's prediction, not a measurement."]
     if pipelined:
@@ -347,6 +351,31 @@ def svg_step_timeline(plan: Plan) -> str:
     items += [(op, COMM_COLOURS.get(op, COMM_OTHER)) for op in ops]
     legend, y = _legend(label_w, y + 26, items)
     return _svg(CHART_WIDTH, y + 4, "step-timeline", "one step: compute and communication per mesh axis", body + legend)
+
+
+def svg_comm_schedule(plan: Plan) -> str:
+    """``plan.comm_schedule`` from the start of the backward: the compute stream (cut where
+    gradients become ready) and a lane per mesh axis with its buckets; grey is idle time, the dashed
+    line the backward's end."""
+    cs, p = plan.comm_schedule, plan.comm_schedule["predicted"]
+    lanes = [("compute", [(s, e, f"backward to {name}", COMPUTE_COLOURS["backward" if k % 2 else "forward"])
+                          for k, (name, s, e) in enumerate(cs["timeline"]["compute"])])]
+    lanes += [(f"comm {a}", [(s, e, f"bucket {k} on {a}: {_bucket(cs['buckets'][k])}, {format_seconds(s)} - "
+                              f"{format_seconds(e)}", "#ef9a9a" if k % 2 else COMM_COLOURS["all_reduce"])
+                             for k, s, e in spans]) for a, spans in cs["timeline"]["comm"].items()]
+    label_w, plot_w, lane_h, top = 110, CHART_WIDTH - 160, 26, 10
+    scale, body = plot_w / max(p["makespan_s"], 1e-30), []
+    for i, (name, items) in enumerate(lanes):
+        y = top + i * lane_h
+        body += [_text(0, y + 17, name, 13), _rect(label_w, y + 3, plot_w, lane_h - 8, "#eeeeee", "idle", "cs-idle")]
+        body += [_rect(label_w + s * scale, y + 3, max((e - s) * scale, 0.6), lane_h - 8, colour, tip,
+                       "cs-comm" if i else "cs-compute") for s, e, tip, colour in items]
+    x, y = label_w + p["backward_s"] * scale, top + len(lanes) * lane_h
+    body.append(f'<line x1="{x:.2f}" y1="{top}" x2="{x:.2f}" y2="{y}" stroke="#333" stroke-dasharray="4 3"/>')
+    body += _ticks(label_w, plot_w, p["makespan_s"], y + 4, format_seconds)
+    legend, y = _legend(label_w, y + 30, [("backward compute", COMPUTE_COLOURS["backward"]),
+                                         ("bucket all-reduce", COMM_COLOURS["all_reduce"]), ("idle", "#eeeeee")])
+    return _svg(CHART_WIDTH, y + 4, "comm-schedule", "gradient buckets against the backward pass", body + legend)
 
 
 # ---- memory per device -------------------------------------------------------------------------
@@ -562,10 +591,16 @@ def render_html(plan: Plan, sections: list[Section]) -> str:
                       "Predicted memory per device by kind." + pp + " The dashed line is the device's capacity "
                       "from the hardware preset, when it is on scale.")
 
+    def comm_schedule() -> str:
+        return figure("comm-schedule", svg_comm_schedule(plan), "The backward pass and its gradient all-reduces in "
+                      "the buckets the solver chose, each issued once its last gradient is ready; the section's notes "
+                      "compare the synchronous hooks and DDP's 25 MiB buckets.")
+
     charts: list[tuple[Callable[[str], bool], Callable[[], str]]] = [
         (lambda t: t.startswith("Parameter placements"), sharding),
         (lambda t: t.startswith("Memory per device"), memory),
         (lambda t: t == "Predicted step time", timeline),
+        (lambda t: t.startswith(COMM_SCHEDULE_TITLE) and bool(plan.comm_schedule), comm_schedule),
     ]
     for s in sections:
         top_n = s.title.startswith("Top ") and s.title.endswith("collectives by time")

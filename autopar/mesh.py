@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from enum import Enum
 
 from .errors import MeshError
@@ -44,6 +45,8 @@ class Mesh:
             raise MeshError(f"mesh axis sizes must be positive integers, got {bad_sizes}")
         self.axes: dict[str, int] = {a: axes[a] for a in AXIS_ORDER if a in axes}
         self.given_order = tuple(axes)
+        if not isinstance(hardware, (str, os.PathLike)):
+            raise MeshError(f"hardware must be a preset name or a .json/.toml preset path, got {hardware!r}")
         from .cost_models.hardware import load_hardware  # validates the preset name
 
         self.hardware_spec = load_hardware(hardware)
@@ -77,13 +80,17 @@ class Mesh:
 
     @classmethod
     def parse(cls, text: str, *, hardware: str = "local") -> "Mesh":
-        """Parse the CLI form ``dp=2,tp=4``."""
+        """Parse the CLI form ``dp=2,tp=4``: axis=size pairs, each axis once, sizes in decimal digits."""
+        if not isinstance(text, str):
+            raise MeshError(f"a mesh is text like dp=2,tp=4, got {type(text).__name__} {text!r}")
         axes: dict[str, int] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
-            name, sep, size = part.partition("=")
-            if not sep or not size.strip().isdigit():
-                raise MeshError(f"bad mesh {text!r}: expected comma-separated axis=size pairs, like dp=2,tp=4")
-            axes[name.strip()] = int(size)
+            name, sep, size = (s.strip() for s in part.partition("="))
+            if not sep or not re.fullmatch(r"[0-9]{1,12}", size):
+                raise MeshError(f"bad mesh {text!r} at {part!r}: expected comma-separated axis=size pairs, like dp=2,tp=4")
+            if name in axes:
+                raise MeshError(f"bad mesh {text!r}: axis {name!r} is given twice")
+            axes[name] = int(size)
         return cls(axes, hardware=hardware)
 
     def device_mesh(self):

@@ -13,14 +13,18 @@ keyed by mesh axis name), never Python objects, so:
   every field. Python adds only what a schema can't say: the schema version is checked first,
   placement keys must be axes of the plan's own mesh, and a pipeline has pp x virtual_stages stages;
 * ``Plan.hash()`` is the sha256 of the canonical JSON, used to check that every rank got the same
-  plan.
+  plan. The JSON holds decisions and predictions only, so planning the same model, mesh, hardware
+  and options again gives the same bytes; wall-clock measurements of the run that made a plan
+  (solver times) are ``Plan.timings``, an attribute that is not saved.
 
 Schema version 2 added ``optimizer``; a version 1 plan loads with the default, ``"adamw"``.
 Schema version 3 added ``fusion`` (the generated kernels, codegen/fusion.py) and ``compression``
 (each gradient's and pipeline send's compression, solvers/compression.py); older plans load
-without them (no fusion recorded, nothing compressed). Each version only added optional fields, so one
-schema file, named after the version autopar writes, reads them all (``schema_version`` is one of
-1, 2, 3); a version that changes or removes a field gets a new file, ``plan-v4.schema.json``.
+without them (no fusion recorded, nothing compressed). Version 3 later gained ``comm_schedule``
+(the gradient buckets and their order, passes/comm_schedule.py), optional too: a plan without it
+has no schedule. Each version only added optional fields, so one schema file, named after the
+version autopar writes, reads them all (``schema_version`` is one of 1, 2, 3); a version that
+changes or removes a field gets a new file, ``plan-v4.schema.json``.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class Plan:
     input_placements: list[dict[str, str]]  # one per flattened user input
     nodes: list[dict]  # per graph node: name, op, shape, dtype, placements, compute_s, ...
     collectives: list[dict]  # op, axis, bytes, time_s, phase, tensor, node, src, dst
-    solver: dict  # name, status, objective_s, solve_time_s, ...
+    solver: dict  # name, status, objective_s, ... (no wall-clock times: Plan.timings)
     warnings: list[str] = field(default_factory=list)
     explanations: dict[str, dict] = field(default_factory=dict)  # target -> chosen, alternatives, reason
     optimizer: str = "adamw"  # whose state the memory counts (cost_models/memory.py)
@@ -70,10 +74,13 @@ class Plan:
     fusion: dict | None = None  # backend and the fused kernels of the per-rank program (codegen/fusion.py)
     # {"grads": {FQN: {"method", ...}}, "pipeline": method or None, ...} (solvers/compression.py)
     compression: dict | None = None
+    # the backward's gradient all-reduces: buckets, issue order, predicted timeline (passes/comm_schedule.py)
+    comm_schedule: dict | None = None
     model_flops: float | None = None  # the whole model's FLOPs per step (forward, + backward ~2x when training)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        self.timings: dict[str, float] = {}  # wall-clock seconds of the run that made it; not a field, not saved
         # Hold plain JSON data only (tuples -> lists, numpy scalars -> Python numbers), so that a
         # plan equals its own round trip through JSON.
         for f in fields(self):
@@ -144,11 +151,8 @@ class Plan:
         return cls.from_json(text)
 
     def hash(self) -> str:
-        """sha256 hex digest of the canonical JSON, leaving out wall-clock measurements.
-
-        Two ranks that made the same decisions have the same hash even though their solvers
-        took different times.
-        """
+        """sha256 hex digest of the canonical JSON. Plans saved before ``Plan.timings`` kept solver
+        times in ``solver`` (keys ending in ``time_s``); they are left out, as they always were."""
         doc = json.loads(json.dumps(self.to_dict(), sort_keys=True))  # as a saved plan reads back
         doc["solver"] = {k: v for k, v in doc["solver"].items() if not k.endswith("time_s")}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()

@@ -257,7 +257,7 @@ def _gap(s: dict) -> str:
 def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
     s = plan.solver
     devices = math.prod(plan.mesh.values()) if plan.mesh else 0
-    solve = s.get("solve_time_s")
+    solve = plan.timings.get("solve_time_s", s.get("solve_time_s"))  # a plan saved before Plan.timings kept it in solver
     hw = _hardware(plan.hardware)
     capacity = getattr(hw, "memory_capacity_bytes", None) if hw is not None else None
     mfu, why = _mfu(plan, hw)
@@ -371,6 +371,7 @@ def inspect_sections(plan: Plan, *, top: int = 10) -> list[Section]:
     rows = [[k, format_seconds(v), _pct(v, plan.step_time_s)] for k, v in plan.time_breakdown.items()]
     rows.append(["step (predicted)", format_seconds(plan.step_time_s), _pct(plan.step_time_s, plan.step_time_s)])
     sections.append(Section("Predicted step time", ["part", "time", "of step"], rows, right={1, 2}))
+    sections.extend(comm_schedule_sections(plan))
 
     if plan.pipeline:
         pipe = plan.pipeline
@@ -466,6 +467,42 @@ def _timeline_text(timeline, width: int = TIMELINE_COLUMNS) -> list[str]:
     return lines
 
 
+COMM_SCHEDULE_TITLE = "Communication schedule"
+
+
+def comm_schedule_sections(plan, width: int = TIMELINE_COLUMNS, rows: int = 40) -> list:
+    """``plan.comm_schedule``'s buckets (the first ``rows``), what they expose against the synchronous
+    hooks and DDP, and text lanes of the backward: compute, then each axis's buckets."""
+    cs = plan.comm_schedule
+    if not cs:
+        return []
+    p, buckets, T = cs["predicted"], cs["buckets"], cs["predicted"]["backward_s"]
+    table = [[str(k), b["axis"], _bucket(b), format_seconds(b["start_s"]), format_seconds(b["end_s"])]
+             for k, b in enumerate(buckets[:rows])]
+    dt = max(p["makespan_s"], 1e-30) / width
+    notes = ([f"... and {len(buckets) - rows} more buckets"] if len(buckets) > rows else []) + [
+        f"solver {cs['solver']['name']} ({cs['solver']['status']}); mean bucket "
+        f"{format_bytes(sum(b['bytes'] for b in buckets) / len(buckets))}; backward {format_seconds(T)}, exposed "
+        f"{format_seconds(p['exposed_s'])} (synchronous hooks {format_seconds(p['synchronous_s'] - T)}, DDP 25 MiB "
+        f"buckets {format_seconds(p['ddp_s'] - T)})",
+        f"'#' backward compute, digits the bucket (mod 10), '.' idle; one column = {format_seconds(dt)}"]
+    lanes = [("compute", [(s, e, "#") for _, s, e in cs["timeline"]["compute"]])]
+    lanes += [(f"comm {a}", [(s, e, str(k % 10)) for k, s, e in spans]) for a, spans in cs["timeline"]["comm"].items()]
+    for name, spans in lanes:
+        cover = [[(min((j + 1) * dt, e) - max(j * dt, s), m) for s, e, m in spans if e > j * dt and s < (j + 1) * dt]
+                 for j in range(width)]
+        notes.append(f"{name:<8} |{''.join(max(c)[1] if sum(x for x, _ in c) >= dt / 2 else '.' for c in cover)}|")
+    notes.append(" " * 9 + "0" + format_seconds(p["makespan_s"]).rjust(width + 1))
+    return [Section(f"{COMM_SCHEDULE_TITLE} ({len(buckets)} gradient buckets)",
+                    ["bucket", "axis", "gradients", "start", "end"], table, right={3, 4}, notes=notes)]
+
+
+def _bucket(b: dict) -> str:
+    """``3 gradients (ln_f.weight .. blocks.1.fc2.bias), 3.00 KiB``."""
+    names = b["params"][0] + (f" .. {b['params'][-1]}" if len(b["params"]) > 1 else "")
+    return f"{len(b['params'])} gradient{'s' * (len(b['params']) > 1)} ({names}), {format_bytes(b['bytes'])}"
+
+
 def _compression_sections(plan) -> list:
     """The fused kernels and each gradient sync's compression, as the plan records them."""
     out = []
@@ -517,7 +554,8 @@ def inspect_json(plan: Plan, sections: list[Section], *, top: int = 10) -> dict:
     return {
         "summary": {"model": plan.model, "mode": plan.mode, "mesh": plan.mesh, "devices": math.prod(plan.mesh.values()),
                     "hardware": plan.hardware, "graph_hash": plan.graph_hash, "plan_hash": plan.hash(),
-                    "solver": {k: plan.solver.get(k) for k in ("name", "status", "solve_time_s")},
+                    "solver": {k: plan.solver.get(k) for k in ("name", "status")} | {
+                        "solve_time_s": plan.timings.get("solve_time_s", plan.solver.get("solve_time_s"))},
                     "step_time_s": plan.step_time_s, "mfu": mfu, "mfu_missing": why or None,
                     "peak_memory_bytes": plan.peak_memory_bytes, "memory_capacity_bytes": capacity},
         "parameters": [{"name": name, "count": n, "shape": None if shape is None else list(shape),

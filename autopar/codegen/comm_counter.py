@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-_NAMES = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
+_NAMES = {"all_reduce": "all_reduce", "all_reduce_": "all_reduce", "all_gather_into_tensor": "all_gather",
           "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}
 _ITEMSIZE = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4,
              "bool": 1, "signed char": 1, "unsigned char": 1, "short int": 2}

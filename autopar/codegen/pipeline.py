@@ -229,15 +229,21 @@ def local_stages(pp_rank: int, pp: int, n_stages: int) -> list[int]:
 
 
 def check_microbatches(flat_inputs, m: int, dp: int) -> None:
+    """Every tensor input (dim 0: the batch) splits into ``m`` microbatches (1: no pipeline), each
+    over ``dp`` ranks. autopar pads no batch (padded rows would change a mean loss), so it refuses."""
     for i, x in enumerate(flat_inputs):
-        if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] % m):
+        if not isinstance(x, torch.Tensor) or (x.dim() == 0 and m == 1):
+            continue
+        if x.dim() == 0 or x.shape[0] % m:
             raise AutoparError(
                 f"input {i} has shape {tuple(x.shape)}: the pipeline splits every input on dim 0 into {m} microbatches, "
                 f"so dim 0 must be a multiple of {m}; change the batch size or plan with other microbatch counts")
-        if isinstance(x, torch.Tensor) and (x.shape[0] // m) % dp:
+        if (x.shape[0] // m) % dp:
+            rows = f"a microbatch of {x.shape[0] // m} rows" if m > 1 else f"a batch of {x.shape[0]}"
             raise AutoparError(
-                f"input {i}: a microbatch of {x.shape[0] // m} rows does not split over dp={dp}; make the batch a "
-                f"multiple of {m * dp}")
+                f"input {i} has shape {tuple(x.shape)}: {rows} does not split over dp={dp}, and autopar pads no "
+                f"batch; make dim 0 a multiple of {m * dp} (pad it and mask the padding out of the loss) or use a "
+                "mesh without dp")
 
 
 class _NoPipelineBackward(torch.autograd.Function):

@@ -282,9 +282,9 @@ def user_inputs(tg, args, kwargs, batch_factor: int = 1) -> list:
     traced size: a pipeline traces one microbatch)."""
     flat, spec = pytree.tree_flatten((args, kwargs))
     if spec != tg.in_spec:
-        raise AutoparError(
-            f"inputs do not have the structure the model was compiled with: got {spec}, expected {tg.in_spec}; "
-            "call autopar.compile again with matching example_inputs")
+        got, want = (repr(pytree.tree_unflatten(["x"] * s.num_leaves, s)).replace("'x'", "x") for s in (spec, tg.in_spec))
+        raise AutoparError(f"inputs do not have the structure the model was compiled with: got (args, kwargs) {got}, "
+                           f"expected {want}; call autopar.compile again with matching example_inputs")
     wanted = [(n.name, n.meta.get("val")) for n in tg.gm.graph.nodes if n.op == "placeholder"
               and n.name not in tg.params and n.name not in tg.buffers and n.name not in tg.constants]
     for x, (name, want) in zip(flat, wanted):
@@ -293,7 +293,8 @@ def user_inputs(tg, args, kwargs, batch_factor: int = 1) -> list:
             if tuple(x.shape) != tuple(shape) or x.dtype != want.dtype:
                 raise AutoparError(
                     f"input {name!r} has shape {tuple(x.shape)} and dtype {x.dtype}, but the model was compiled for "
-                    f"{tuple(shape)} {want.dtype}; call autopar.compile again with example inputs of this shape")
+                    f"{tuple(shape)} {want.dtype}; call autopar.compile again with example inputs of this shape and "
+                    "dtype")
     return flat
 
 
@@ -302,12 +303,14 @@ def install_parameters(module: nn.Module, model: nn.Module, plan, mesh, axes=Non
 
     FQNs are kept, tied parameters stay one object. ``keep`` (FQNs) limits this rank to those
     parameters (a pipeline stage's); the others are dropped. ``hook`` syncs gradients (dp's
-    all-reduce) as each one is accumulated, compressed as ``plan.compression["grads"][fqn]`` says.
+    all-reduce) as each one is accumulated, compressed as ``plan.compression["grads"][fqn]`` says, or
+    in ``plan.comm_schedule``'s asynchronous buckets (codegen/buckets.py) where it has one.
     """
     import functools
 
     from torch.distributed.tensor import distribute_tensor
 
+    from .buckets import GradBuckets
     from .compress import make_compressor, parse_method
 
     axes = list(plan.mesh) if axes is None else axes
@@ -317,6 +320,7 @@ def install_parameters(module: nn.Module, model: nn.Module, plan, mesh, axes=Non
     names: dict[int, list[str]] = {}
     for fqn, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(fqn)
+    hooked = []  # (names, parameter, compressor)
     for fqn, p in list(model.named_parameters(remove_duplicate=False)):
         owner, _, leaf = fqn.rpartition(".")
         target = module.get_submodule(owner) if owner else module
@@ -331,16 +335,23 @@ def install_parameters(module: nn.Module, model: nn.Module, plan, mesh, axes=Non
             data = p.detach()[order[fqn]] if fqn in order else p.detach()  # experts in the plan's placement
             dt = distribute_tensor(data, mesh, _placements([pls[a] for a in axes]), src_data_rank=None)
             newp = nn.Parameter(dt, requires_grad=p.requires_grad)
-            if hook:
+            if hook and p.requires_grad:  # a frozen parameter has no gradient to sync
                 choice = next((grads[f] for f in names[id(p)] if f in grads), None)  # any name of a tied one
                 compressor = make_compressor(choice) if choice and parse_method(choice).kind != "none" else None
-                newp.register_post_accumulate_grad_hook(
-                    sync_gradients if compressor is None else functools.partial(sync_gradients, compressor=compressor))
+                hooked.append((names[id(p)], newp, compressor))
             replaced[id(p)] = newp
         if owner == "" and leaf not in module._parameters:
             module.register_parameter(leaf, replaced[id(p)])
         else:
             setattr(target, leaf, replaced[id(p)])
+    schedule = getattr(plan, "comm_schedule", None)  # bucketed async data-parallel syncs (codegen/buckets.py)
+    buckets = GradBuckets(schedule, {f: p for fs, p, c in hooked if c is None for f in fs}, mesh,
+                          axes, sync_gradients) if schedule else None
+    for _, p, compressor in hooked:
+        p.register_post_accumulate_grad_hook(buckets.hook if buckets is not None and buckets.owns(p) else
+                                             functools.partial(sync_gradients, compressor=compressor))
+    if buckets is not None and isinstance(getattr(module, "_autopar", None), dict):
+        module._autopar["grad_buckets"] = buckets
 
 
 def expert_orders(plan) -> dict[str, list[int]]:
@@ -348,6 +359,11 @@ def expert_orders(plan) -> dict[str, list[int]]:
     through routing.place_experts): row r holds expert order[r]."""
     return {fqn: n["moe"]["placement"] for n in plan.nodes if n.get("moe") and n["moe"].get("placement")
             for fqn in n["moe"]["expert_params"]}
+
+
+def _root(model: nn.Module) -> dict:
+    """The children and own parameters of ``model``'s root."""
+    return {n: v for n, v in {**model._modules, **model._parameters}.items() if v is not None}
 
 
 class CompiledModule(nn.Module):
@@ -361,7 +377,35 @@ class CompiledModule(nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "_autopar", {
             "plan": plan, "traced": traced, "lowered": lowered, "mesh": device_mesh, "fixups": [],
-            "root_cls": type(model).__name__})
+            "root_cls": type(model).__name__, "model": weakref.ref(model),
+            "model_root": {n: weakref.ref(v) for n, v in _root(model).items()}})
+
+    def _remember_state(self) -> None:
+        """Note the parameters and buffers the program was built with (see :meth:`_check_unchanged`)."""
+        named = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
+        self._autopar["built"] = {n: (t, t.shape, t.dtype) for n, t in named}
+
+    def _check_unchanged(self, now: dict) -> None:
+        """Refuse to run on a model changed since compile (``now``: FQN -> parameter or buffer): one of
+        this module's replaced, added, removed, reshaped or cast, or a child or root parameter of the
+        model given to compile replaced (this module shares its children). Values set in place are fine."""
+        st, was = self._autopar, self._autopar["built"]
+        changed = [f"{n} {'added' if n in now else 'removed'}" for n in sorted(now.keys() ^ was.keys())]
+        for n, (t, shape, dtype) in was.items():
+            if n in now and (now[n].shape != shape or now[n].dtype != dtype):
+                changed.append(f"{n} is {tuple(now[n].shape)} {now[n].dtype}, compiled as {tuple(shape)} {dtype}")
+            elif n in now and now[n] is not t:
+                changed.append(f"{n} replaced")
+        model, root = st["model"](), st["model_root"]
+        if model is not None:
+            have = _root(model)
+            changed += [f"{n} of the model given to compile replaced" for n in sorted(have.keys() | root.keys())
+                        if n not in have or n not in root or root[n]() is not have[n]]
+        if changed:
+            raise AutoparError(
+                f"the model was changed after autopar.compile: {'; '.join(changed[:4])}{' ...' * (len(changed) > 4)}. "
+                "The compiled program still expects what it was compiled with: compile the changed model again, or "
+                "change values in place (pm.load_checkpoint(path), or p.copy_ of a DTensor placed like p)")
 
     @property
     def plan(self):
@@ -408,6 +452,7 @@ class ParallelModule(CompiledModule):
         for fqn, b in model.named_buffers():
             if "." not in fqn:
                 self.register_buffer(fqn, b)
+        self._remember_state()
 
     def forward(self, *args, **kwargs):
         st = self._autopar
@@ -415,6 +460,7 @@ class ParallelModule(CompiledModule):
         user = iter(user_inputs(tg, args, kwargs))
         params = dict(self.named_parameters(remove_duplicate=False))
         buffers = dict(self.named_buffers(remove_duplicate=False))
+        self._check_unchanged({**params, **buffers})
         feed = tg.feed(params, buffers, user)
         out = list(Executor(st["lowered"], st["mesh"], st["fixups"]).run(*feed))
         n_mut = len(tg.mutated_buffers)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -117,7 +118,10 @@ def load_hardware(name_or_path: str) -> Hardware:
     if text in list_presets():
         path = next(p for p in (PRESET_DIR / f"{text}.json", PRESET_DIR / f"{text}.toml") if p.is_file())
     elif text.endswith((".json", ".toml")) or "/" in text or "\\" in text:
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # ~user with no such user
+            path = Path(text)
         if not path.is_file():
             raise MeshError(f"hardware preset file {str(path)!r} does not exist")
     else:
@@ -128,7 +132,7 @@ def load_hardware(name_or_path: str) -> Hardware:
         data = __import__("tomllib").loads(raw) if path.suffix == ".toml" else json.loads(raw)
     except ImportError:  # Python 3.10
         raise MeshError(f"hardware preset file {str(path)!r}: TOML presets need Python 3.11+ (tomllib)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSON and TOML decode errors are ValueErrors
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSON and TOML errors are ValueErrors
         raise MeshError(f"cannot read hardware preset file {str(path)!r}: {e}") from None
     return _from_dict(data, str(path))
 
@@ -143,7 +147,7 @@ def _from_dict(data: object, source: str) -> Hardware:
         if field not in obj:
             raise bad(prefix + field, "is missing")
         value = obj[field]
-        real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        real = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
         if not real or value < 0 or (value == 0 and not zero_ok):
             raise bad(prefix + field, f"must be a {'non-negative' if zero_ok else 'positive'} number, got {value!r}")
         return float(value)

@@ -206,7 +206,10 @@ def build_plan(an: Annotated, solution, hardware: str):
 
     for entry, b in zip(nodes, node_bytes):
         entry["memory_bytes"] = int(b)
-    return Plan(
+    # wall-clock times are facts about this run, not the plan (Plan.timings): the same problem gives the same bytes
+    times = {"solve_time_s": float(solution.solve_time_s), **{k: float(v) for k, v in solution.stats.items()
+                                                             if k.endswith("time_s")}}
+    plan = Plan(
         mesh=dict(an.axes), hardware=hardware, mode=an.mode, graph_hash=an.tg.graph_hash, model=an.tg.model_name,
         step_time_s=float(compute + comm_fwd + comm_bwd + grad_sync),
         peak_memory_bytes=int(peak), memory=mem,
@@ -214,9 +217,11 @@ def build_plan(an: Annotated, solution, hardware: str):
         param_placements=param_placements, input_placements=input_placements, nodes=nodes,
         collectives=collectives,
         solver={"name": solution.stats.get("solver", "cp-sat"), "status": solution.status,
-                "objective_s": float(solution.objective), "solve_time_s": float(solution.solve_time_s),
-                **{k: v for k, v in solution.stats.items() if isinstance(v, (int, float, str))}},
+                "objective_s": float(solution.objective),
+                **{k: v for k, v in solution.stats.items() if isinstance(v, (int, float, str)) and k not in times}},
         warnings=list(an.warnings), explanations=explanations, optimizer=an.optimizer, model_flops=model_flops(an))
+    plan.timings.update(times)
+    return plan
 
 
 def model_flops(an: Annotated) -> float:

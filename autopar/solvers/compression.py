@@ -97,8 +97,9 @@ def solve_compression(layers: list[Layer], overlap_s: float, budget: float, *, t
     m.Add(z >= sum(comm_terms) - t(overlap_s))
     m.Minimize(z + sum(codec_terms))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.num_workers = 2  # FACTS.md: two cores here
+    prm = solver.parameters  # deterministic, as in solvers/intra_op.py: interleaved workers, fixed seed, work units
+    prm.num_workers, prm.interleave_search, prm.random_seed = 2, True, 20220711  # FACTS.md: two cores here
+    prm.max_deterministic_time, prm.max_time_in_seconds = time_limit_s, 10 * time_limit_s + 30  # wall: a safety net
     status = solver.Solve(m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):  # cannot happen: all-"none" is feasible
         raise RuntimeError(f"compression ILP returned {solver.StatusName(status)}")
