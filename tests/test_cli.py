@@ -2,6 +2,7 @@ import json
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -531,3 +532,14 @@ def test_progress_reporter(capsys, monkeypatch):
     assert r._bars is None and r._phases == []
     err = capsys.readouterr().err
     assert "autopar: mesh search" in err and "1/2" in err and "autopar: a message above the bars" in err
+
+
+def test_explain_on_a_golden_plan_lists_alternatives_with_cost_deltas(capsys):
+    """Megatron's column-parallel fc1 on tp=8: explain says why, with every other placement's
+    predicted cost against it, from the solver's objective."""
+    golden = Path(__file__).resolve().parent / "golden" / "gpt_block_tp8_h100.json"
+    code, out, _ = run_cli(capsys, "explain", str(golden), "fc1.weight")
+    assert code == 0 and "chosen: tp=S(0)" in out
+    rows = {line.split()[0]: line.split()[-2:] for line in out.splitlines() if line.startswith("tp=")}
+    assert rows["tp=S(0)"] == ["0.0", "us"]
+    assert rows["tp=R"][0].startswith("+") and rows["tp=S(1)"][0].startswith("+")

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import AutoparError, PlanError
+from ..mesh import collective_timeout
 from . import lower as L
 from .runtime import CompiledModule, Executor, _like, _placements, sync_gradients
 
@@ -347,7 +348,7 @@ class PipelinedModule(CompiledModule):
             group = pp_group if len(ranks) == p else None
             if group is None:
                 for c in range(columns.shape[1]):
-                    g = dist.new_group([int(columns[r, c]) for r in ranks])
+                    g = dist.new_group([int(columns[r, c]) for r in ranks], timeout=collective_timeout())
                     if me in [int(columns[r, c]) for r in ranks]:
                         group = g
             if name in state and pp_rank in ranks:
