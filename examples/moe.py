@@ -85,7 +85,6 @@ def build(seed: int = 0, small: bool = False):
 
 
 EP = {"moe_*": {"ep": "S(0)"}, "*.moe.w_*": {"ep": "S(0)"}}  # experts sharded over ep, tokens moved by all-to-all
-TOLERANCE = {"loss": 1e-4, "grad": 1e-4, "param": 1e-4}
 
 
 def plan_offline(small: bool) -> int:
@@ -102,20 +101,6 @@ def plan_offline(small: bool) -> int:
     return 0
 
 
-def max_diff(pm, ref, grad: bool) -> float:
-    """Largest |compiled - one process| over every parameter (or its gradient), on every rank."""
-    import torch.distributed as dist
-
-    ref_params = dict(ref.named_parameters())
-    worst = torch.zeros(())
-    with torch.no_grad():
-        for fqn, p in pm.named_parameters():
-            mine, theirs = (p.grad, ref_params[fqn].grad) if grad else (p, ref_params[fqn])
-            worst = torch.maximum(worst, (mine.full_tensor() - theirs).abs().max())
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return worst.item()
-
-
 def train(small: bool, steps: int) -> int:
     """Under ``autopar run --nproc N``: ep=N, a few AdamW steps, checked against one process."""
     import copy
@@ -123,34 +108,16 @@ def train(small: bool, steps: int) -> int:
     import torch.distributed as dist
 
     import autopar
+    import common  # examples/common.py: the harness every training example shares
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank = common.start()
     model, (ids,) = build(small=small)
     ref = copy.deepcopy(model)
     pm = autopar.compile(model, autopar.Mesh({"ep": dist.get_world_size()}), example_inputs=(ids,), pins=EP)
     if rank == 0:
         print(f"MoE layers: {sorted({n['moe']['layout'] for n in pm.plan.nodes if n.get('moe')})}")
-    opt, ref_opt = torch.optim.AdamW(pm.parameters(), lr=1e-3), torch.optim.AdamW(ref.parameters(), lr=1e-3)
-    target = torch.roll(ids, -1, 1)
-    diff = dict.fromkeys(TOLERANCE, 0.0)
-    for step in range(steps):
-        loss = F.cross_entropy(pm(ids).flatten(0, 1), target.flatten())
-        ref_loss = F.cross_entropy(ref(ids).flatten(0, 1), target.flatten())
-        loss.backward(), ref_loss.backward()
-        diff["loss"] = max(diff["loss"], abs(loss.item() - ref_loss.item()))
-        diff["grad"] = max(diff["grad"], max_diff(pm, ref, grad=True))
-        opt.step(), ref_opt.step(), opt.zero_grad(), ref_opt.zero_grad()
-        if rank == 0:
-            print(f"step {step}: loss {loss.item():.5f}  (1 process: {ref_loss.item():.5f})")
-    diff["param"] = max_diff(pm, ref, grad=False)
-    bad = [k for k, tol in TOLERANCE.items() if diff[k] > tol]
-    if rank == 0:
-        for k in TOLERANCE:
-            print(f"max |{k} diff| vs 1 process: {diff[k]:.2e}")
-        print("FAIL: " + ", ".join(f"{k} over {TOLERANCE[k]:g}" for k in bad) if bad else "OK: matches 1 process")
-    dist.destroy_process_group()
-    return 1 if bad else 0
+    target = torch.roll(ids, -1, 1).flatten()
+    return common.train_and_compare(pm, ref, lambda m: F.cross_entropy(m(ids).flatten(0, 1), target), steps)
 
 
 def main() -> int:

@@ -16,13 +16,10 @@ with status 1 if one is larger than the tolerance.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
-import torch
-import torch.distributed as dist
-
 import autopar
+import common  # examples/common.py: the harness every training example shares
 from gpt import WithLoss
 
 LAYOUT = {
@@ -32,65 +29,23 @@ LAYOUT = {
     "gpt.blocks.*.proj.weight": {"tp": "S(1)"},
     "gpt.blocks.*.fc2.weight": {"tp": "S(1)"},
 }
-TOLERANCE = {"loss": 1e-4, "grad": 1e-4, "param": 1e-4}
-
-
-def max_diff(pm, ref, grad: bool) -> float:
-    """Largest |compiled - one process| over every parameter (or its gradient), on every rank."""
-    ref_params = dict(ref.named_parameters())
-    worst = torch.zeros(())
-    with torch.no_grad():
-        for fqn, p in pm.named_parameters():
-            mine, theirs = (p.grad, ref_params[fqn].grad) if grad else (p, ref_params[fqn])
-            worst = torch.maximum(worst, (mine.full_tensor() - theirs).abs().max())
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return worst.item()
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--small", action="store_true", help="the smallest meaningful configuration (tests)")
-    ap.add_argument("--steps", type=int, help="optimizer steps (default 5; 2 with --small)")
-    ap.add_argument("--mesh", default="dp=2,tp=2", help="mesh axes, outer to inner (default dp=2,tp=2)")
-    ap.add_argument("--auto", action="store_true", help="no pins: the solver chooses every placement")
-    args = ap.parse_args()
+    args = common.parse(common.arg_parser(__doc__, mesh="dp=2,tp=2"))
     config = dict(vocab=64, d=32, heads=4, layers=1, max_len=16) if args.small else \
         dict(vocab=128, d=64, heads=4, layers=2, max_len=64)
     batch, seq = (4, 8) if args.small else (8, 32)
-    steps = args.steps or (2 if args.small else 5)
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank = common.start()
     mesh = autopar.Mesh.parse(args.mesh)
-    torch.manual_seed(0)
     model = WithLoss(**config)
-    ids = torch.randint(0, config["vocab"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = common.token_ids(config["vocab"], batch, seq)
     ref = copy.deepcopy(model)  # the same model, trained in this one process
-    pins = None if args.auto else {k: v for k, v in LAYOUT.items() if set(v) <= set(mesh.axes)}
-    pm = autopar.compile(model, mesh, example_inputs=(ids,), pins=pins)
+    pm = autopar.compile(model, mesh, example_inputs=(ids,), pins=common.pins(LAYOUT, mesh, args.auto))
     if rank == 0:
         print(pm.plan.summary())
-    opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
-    diff = dict.fromkeys(TOLERANCE, 0.0)
-    for step in range(steps):
-        loss, ref_loss = pm(ids), ref(ids)
-        loss.backward()
-        ref_loss.backward()
-        diff["loss"] = max(diff["loss"], abs(loss.item() - ref_loss.item()))
-        diff["grad"] = max(diff["grad"], max_diff(pm, ref, grad=True))
-        opt.step(), ref_opt.step()
-        opt.zero_grad(), ref_opt.zero_grad()
-        if rank == 0:
-            print(f"step {step}: loss {loss.item():.5f}  (1 process: {ref_loss.item():.5f})")
-    diff["param"] = max_diff(pm, ref, grad=False)
-    bad = [k for k, tol in TOLERANCE.items() if diff[k] > tol]
-    if rank == 0:
-        for k in TOLERANCE:
-            print(f"max |{k} diff| vs 1 process: {diff[k]:.2e}")
-        print("FAIL: " + ", ".join(f"{k} over {TOLERANCE[k]:g}" for k in bad) if bad else "OK: matches 1 process")
-    dist.destroy_process_group()
-    return 1 if bad else 0
+    return common.train_and_compare(pm, ref, lambda m: m(ids), args.steps)  # the loss is the model's output
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ status 1 if one is over the tolerance. The plan is saved to llama_2x2_plan.json
 
 from __future__ import annotations
 
-import argparse
 import copy
 
-import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import autopar
+import common  # examples/common.py: the harness every training example shares
 
 LAYOUT = {
     "embedding": {"dp": "S(0)"},  # the token embedding's output: each dp rank takes half the batch
@@ -33,71 +31,31 @@ LAYOUT = {
     "model.layers.*.mlp.up_proj.weight": {"tp": "S(0)"},
     "model.layers.*.mlp.down_proj.weight": {"tp": "S(1)"},
 }
-TOLERANCE = {"loss": 1e-4, "grad": 1e-4, "param": 1e-4}
 
 
 def next_token_loss(logits, ids):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def max_diff(pm, ref, grad: bool) -> float:
-    """Largest |compiled - one process| over every parameter (or its gradient), on every rank."""
-    ref_params = dict(ref.named_parameters())
-    worst = torch.zeros(())
-    with torch.no_grad():
-        for fqn, p in pm.named_parameters():
-            mine, theirs = (p.grad, ref_params[fqn].grad) if grad else (p, ref_params[fqn])
-            worst = torch.maximum(worst, (mine.full_tensor() - theirs).abs().max())
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return worst.item()
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--small", action="store_true", help="the smallest meaningful configuration (tests)")
-    ap.add_argument("--steps", type=int, help="optimizer steps (default 5; 2 with --small)")
-    ap.add_argument("--mesh", default="dp=2,tp=2", help="mesh axes, outer to inner (default dp=2,tp=2)")
-    ap.add_argument("--auto", action="store_true", help="no pins: the solver chooses every placement")
-    args = ap.parse_args()
+    args = common.parse(common.arg_parser(__doc__, mesh="dp=2,tp=2"))
     layers, hidden, vocab, (batch, seq) = (1, 32, 64, (4, 8)) if args.small else (2, 64, 256, (8, 32))
-    steps = args.steps or (2 if args.small else 5)
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank = common.start()
     mesh = autopar.Mesh.parse(args.mesh)
-    torch.manual_seed(0)
     cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=seq,
                       attn_implementation="sdpa", use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = LlamaForCausalLM(cfg)
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = common.token_ids(vocab, batch, seq)
     ref = copy.deepcopy(model)  # the same model, trained in this one process
-    pins = None if args.auto else {k: v for k, v in LAYOUT.items() if set(v) <= set(mesh.axes)}
-    pm = autopar.compile(model, mesh, example_inputs=(ids,), pins=pins)
+    pm = autopar.compile(model, mesh, example_inputs=(ids,), pins=common.pins(LAYOUT, mesh, args.auto))
     if rank == 0:
         print(pm.plan.summary())
-    opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
-    diff = dict.fromkeys(TOLERANCE, 0.0)
-    for step in range(steps):
-        loss, ref_loss = next_token_loss(pm(ids).logits, ids), next_token_loss(ref(ids).logits, ids)
-        loss.backward()
-        ref_loss.backward()
-        diff["loss"] = max(diff["loss"], abs(loss.item() - ref_loss.item()))
-        diff["grad"] = max(diff["grad"], max_diff(pm, ref, grad=True))
-        opt.step(), ref_opt.step()
-        opt.zero_grad(), ref_opt.zero_grad()
-        if rank == 0:
-            print(f"step {step}: loss {loss.item():.5f}  (1 process: {ref_loss.item():.5f})")
-    diff["param"] = max_diff(pm, ref, grad=False)
-    bad = [k for k, tol in TOLERANCE.items() if diff[k] > tol]
+    status = common.train_and_compare(pm, ref, lambda m: next_token_loss(m(ids).logits, ids), args.steps)
     if rank == 0:
         pm.plan.save("llama_2x2_plan.json")
-        for k in TOLERANCE:
-            print(f"max |{k} diff| vs 1 process: {diff[k]:.2e}")
-        print("FAIL: " + ", ".join(f"{k} over {TOLERANCE[k]:g}" for k in bad) if bad else "OK: matches 1 process")
-    dist.destroy_process_group()
-    return 1 if bad else 0
+    return status
 
 
 if __name__ == "__main__":

@@ -14,84 +14,45 @@ is over the tolerance.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
-import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import autopar
+import common  # examples/common.py: the harness every training example shares
 
 LAYOUT = {"embedding": {"dp": "S(0)"}}  # the token embedding's output: each dp rank takes half the batch
-TOLERANCE = {"loss": 1e-4, "grad": 1e-4, "param": 1e-4}
 
 
 def next_token_loss(logits, ids):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def max_diff(pm, ref, grad: bool) -> float:
-    """Largest |compiled - one process| over every parameter (or its gradient), on every rank."""
-    ref_params = dict(ref.named_parameters())
-    worst = torch.zeros(())
-    with torch.no_grad():
-        for fqn, p in pm.named_parameters():
-            mine, theirs = (p.grad, ref_params[fqn].grad) if grad else (p, ref_params[fqn])
-            worst = torch.maximum(worst, (mine.full_tensor() - theirs).abs().max())
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return worst.item()
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--small", action="store_true", help="the smallest meaningful configuration (tests)")
-    ap.add_argument("--steps", type=int, help="optimizer steps (default 5; 2 with --small)")
-    ap.add_argument("--mesh", default="dp=2,cp=2", help="mesh axes, outer to inner (default dp=2,cp=2)")
+    ap = common.arg_parser(__doc__, mesh="dp=2,cp=2", auto=False)
     ap.add_argument("--context-parallel", choices=["ring", "ulysses", "auto"], default="ring")
-    args = ap.parse_args()
+    args = common.parse(ap)
     layers, vocab, (batch, seq) = (1, 64, (2, 16)) if args.small else (2, 256, (4, 128))
-    steps = args.steps or (2 if args.small else 5)
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank = common.start()
     mesh = autopar.Mesh.parse(args.mesh)
-    torch.manual_seed(0)
     cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=seq,
                       attn_implementation="sdpa", use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = LlamaForCausalLM(cfg)
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = common.token_ids(vocab, batch, seq)
     ref = copy.deepcopy(model)  # the same model, trained in this one process
-    pins = {k: v for k, v in LAYOUT.items() if set(v) <= set(mesh.axes)} or None
-    pm = autopar.compile(model, mesh, example_inputs=(ids,), context_parallel=args.context_parallel, pins=pins)
+    pm = autopar.compile(model, mesh, example_inputs=(ids,), context_parallel=args.context_parallel,
+                         pins=common.pins(LAYOUT, mesh) or None)
     if rank == 0:
         print(pm.plan.summary())
         schemes = sorted({n["attention"] for n in pm.plan.nodes if n.get("attention")})
         print(f"attention layers: {sum(1 for n in pm.plan.nodes if n.get('attention'))}, scheme {', '.join(schemes)}")
-    opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
-    diff = dict.fromkeys(TOLERANCE, 0.0)
-    for step in range(steps):
-        loss, ref_loss = next_token_loss(pm(ids).logits, ids), next_token_loss(ref(ids).logits, ids)
-        loss.backward()
-        ref_loss.backward()
-        diff["loss"] = max(diff["loss"], abs(loss.item() - ref_loss.item()))
-        diff["grad"] = max(diff["grad"], max_diff(pm, ref, grad=True))
-        opt.step(), ref_opt.step()
-        opt.zero_grad(), ref_opt.zero_grad()
-        if rank == 0:
-            print(f"step {step}: loss {loss.item():.5f}  (1 process: {ref_loss.item():.5f})")
-    diff["param"] = max_diff(pm, ref, grad=False)
-    bad = [k for k, tol in TOLERANCE.items() if diff[k] > tol]
+    status = common.train_and_compare(pm, ref, lambda m: next_token_loss(m(ids).logits, ids), args.steps)
     if rank == 0:
         pm.plan.save("long_context_plan.json")
-        for k in TOLERANCE:
-            print(f"max |{k} diff| vs 1 process: {diff[k]:.2e}")
-        print("FAIL: " + ", ".join(f"{k} over {TOLERANCE[k]:g}" for k in bad) if bad else "OK: matches 1 process")
-    dist.destroy_process_group()
-    return 1 if bad else 0
+    return status
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ def _imports(path: Path) -> set[str]:
 
 def test_every_example_is_run():
     """A script with a main has a case above; a module without one (gpt.py: the factories for
-    ``autopar plan examples/gpt.py:small``) is imported by an example that has one."""
+    ``autopar plan examples/gpt.py:small``; common.py: the training harness) is imported by an
+    example that has one."""
     scripts = sorted(p for p in EXAMPLES.glob("*.py"))
     run = {c[0] for c in CASES}
     assert run <= {p.name for p in scripts}, f"cases for missing scripts: {run - {p.name for p in scripts}}"
