@@ -2,6 +2,7 @@
 
     python benchmarks/comm_overlap.py                      # 2 gloo ranks, GPT d=1024 x 2 layers (26M params, 103 MB of grads)
     python benchmarks/comm_overlap.py --d 512 --rounds 3   # smaller, quicker
+    python benchmarks/comm_overlap.py --measure-overlap    # ω, the preset's comm_compute_overlap
 
 examples/gpt.py's GPT (its loss inside, so the output is one number), planned on dp=2 with the
 `local` preset and pinned to pure data parallelism (every op with a batch-derived dim 0 is S(0) on
@@ -142,6 +143,48 @@ def _rank(rank, world, args):
             "setup_s": setup_s, "plan_step_s": plan.step_time_s, "load": os.getloadavg()}
 
 
+def _overlap_rank(rank, world, args):
+    """Median seconds of: matmuls alone (the backward's kind of work), all-reduces alone, and both
+    at once (the all-reduces issued asynchronously, then the matmuls, then waited)."""
+    import torch.distributed as dist
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    bufs = [torch.ones(args.overlap_mb << 18) for _ in range(args.overlap_count)]  # float32: MB * 2**20 / 4
+
+    def compute():
+        for _ in range(args.overlap_mm):
+            torch.mm(a, b)
+
+    def comm(then=lambda: None):
+        works = [dist.all_reduce(x, async_op=True) for x in bufs]
+        then()
+        for w in works:
+            w.wait()
+
+    out = {}
+    for name, fn in (("compute", compute), ("all_reduce", comm), ("both", lambda: comm(compute))) * args.rounds:
+        fn()
+        dist.barrier()
+        t = time.perf_counter()
+        fn()
+        dist.barrier()  # the slower rank's time
+        out.setdefault(name, []).append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def measure_overlap(args) -> float:
+    """ω = (t_c + t_a − t_both) / min(t_c, t_a), clipped to [0, 1]: 1 when the collectives hide
+    completely behind compute, 0 when running both costs their sum."""
+    from autopar.launch import run_local
+
+    t = run_local(_overlap_rank, 2, args)[0]
+    omega = min(1.0, max(0.0, (t["compute"] + t["all_reduce"] - t["both"]) / min(t["compute"], t["all_reduce"])))
+    print(f"2 gloo ranks, 1 thread each: {args.overlap_mm} 512x512 mm {t['compute'] * 1e3:.1f} ms, {args.overlap_count} "
+          f"async all_reduce of {args.overlap_mb} MiB {t['all_reduce'] * 1e3:.1f} ms, both {t['both'] * 1e3:.1f} ms "
+          f"(medians of {args.rounds}); comm_compute_overlap = {omega:.2f}")
+    return omega
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=1024)
@@ -151,7 +194,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--hardware", default="local")
+    ap.add_argument("--measure-overlap", action="store_true", help="measure ω (comm_compute_overlap) instead")
+    ap.add_argument("--overlap-mm", type=int, default=40, help="--measure-overlap: matmuls per compute run")
+    ap.add_argument("--overlap-mb", type=int, default=16, help="--measure-overlap: MiB per all-reduce")
+    ap.add_argument("--overlap-count", type=int, default=6, help="--measure-overlap: all-reduces per run")
     args = ap.parse_args(argv)
+    if args.measure_overlap:
+        return measure_overlap(args)
     from autopar.launch import run_local
 
     r = run_local(_rank, 2, args)[0]

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-BUDGET = 14150  # lines of Python in autopar/ but its command line and reports, blank lines and comments included (6000 until issue 3 added
+BUDGET = 14200  # lines of Python in autopar/ but its command line and reports, blank lines and comments included (6000 until issue 3 added
 # profiled ops, segmented collective fits and the memory model; 7500 until issue 4 added pipelined
 # execution, four schedules in the stage solver and their pass-by-pass simulation; 8500 until issue 5
 # added ring attention with its own backward, the Triton block kernel, Megatron-SP/CP strategies and
@@ -24,7 +24,9 @@ BUDGET = 14150  # lines of Python in autopar/ but its command line and reports, 
 # boundary checks and parser hardening, about 70, and issue 11's communication schedule: the
 # bucketing model with its exact DP and CP-SAT forms, solvers/comm_schedule.py, about 420 lines,
 # the pass that reads ready times off a plan, about 220, and the asynchronous bucket executor,
-# codegen/buckets.py, about 120)
+# codegen/buckets.py, about 120; 14150 until the schedule modelled how much of a collective
+# really overlaps compute (the preset's comm_compute_overlap, measured 0.14 on this host), a
+# Pareto-front dp and its CP-SAT terms, about 65 lines)
 # The command line and what it prints: argument handling, the inspect tables with their rich
 # rendering, the HTML report's SVG charts, progress bars. Counted on their own so that presentation
 # never crowds out the compiler; 2100 since issue 9 (rich layout, charts, progress, about 800 lines).

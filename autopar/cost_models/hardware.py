@@ -16,7 +16,9 @@ latencies in seconds per message; every error names the file and the field):
 * ``collectives`` (optional, written by ``autopar profile --collectives``): collective -> one link
   ``{"bandwidth_Bps", "latency_s", "max_rel_error"}``, or size regimes ``{"segments": [{"max_bytes",
   "bandwidth_Bps", "latency_s"}, ..., {"bandwidth_Bps", "latency_s"}], "max_rel_error"}`` with
-  increasing ``max_bytes`` (the last segment takes every larger message); :meth:`Hardware.link_for`.
+  increasing ``max_bytes`` (the last segment takes every larger message); :meth:`Hardware.link_for`;
+* ``comm_compute_overlap`` (optional, ω in [0, 1], default 1): the fraction of a collective's time that
+  overlaps compute without slowing it (NCCL ~1; gloo on the backward's CPU cores less): solvers/comm_schedule.py.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Hardware:
     collective_links: dict = field(default_factory=dict)
     # ((node ids, Link), ...): nodes whose NICs differ from inter_node; see :meth:`inter_link`.
     inter_node_overrides: tuple = ()
+    comm_compute_overlap: float = 1.0  # ω (module docstring)
 
     def __hash__(self) -> int:  # peak_flops is a dict, so hash its items
         return hash((self.name, tuple(sorted(self.peak_flops.items())), self.memory_bandwidth_Bps,
@@ -169,6 +172,10 @@ def _from_dict(data: object, source: str) -> Hardware:
     devices = data.get("devices_per_node")
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise bad("devices_per_node", f"must be a positive integer, got {devices!r}")
+    omega = data.get("comm_compute_overlap", 1.0)
+    if isinstance(omega, bool) or not isinstance(omega, (int, float)) or not 0 <= omega <= 1:
+        raise bad("comm_compute_overlap", f"must be a number in [0, 1] (the fraction of a collective's time "
+                  f"that overlaps compute without slowing it), got {omega!r}")
     return Hardware(
         name=str(data.get("name", Path(source).stem)),
         description=str(data.get("description", "")),
@@ -181,6 +188,7 @@ def _from_dict(data: object, source: str) -> Hardware:
         all_to_all_as_all_gather=_flag(data, "all_to_all_as_all_gather", bad),
         collective_links=_collectives(data, bad, number),
         inter_node_overrides=_overrides(data, bad, number),
+        comm_compute_overlap=float(omega),
     )
 
 

@@ -93,12 +93,13 @@ def schedule_comm(plan, hw, *, tg=None, memory_limit_bytes: float | None = None,
     nbytes = [int(grads[t]["bytes"]) for t in names]
     cap = _memory_cap(plan, hw, memory_limit_bytes, nbytes)
     problem = BucketProblem(ready, nbytes, [axes.index(grads[t]["axis"]) for t in names], alpha, beta, T,
-                            stream=stream, memory_cap_bytes=cap, time_fn=time_fn)
+                            stream=stream, memory_cap_bytes=cap, time_fn=time_fn, overlap=hw.comm_compute_overlap)
     try:
         sched = solve(problem, time_limit_s=time_limit_s)
     except ValueError as exc:  # the memory cap admits no schedule (or none was found in time)
         plan.warnings.append(f"comm schedule: {exc}; scheduled without the cap on bucket buffers")
-        problem = BucketProblem(ready, nbytes, problem.axis, alpha, beta, T, stream=stream, time_fn=time_fn)
+        problem = BucketProblem(ready, nbytes, problem.axis, alpha, beta, T, stream=stream, time_fn=time_fn,
+                                overlap=hw.comm_compute_overlap)
         sched = solve(problem, time_limit_s=time_limit_s)
     ddp = ddp_schedule(problem)
     doc = {

@@ -30,7 +30,14 @@ collective each), an issue order and start times s_k. Constraints:
 where q_k = max_{i ∈ B_k} r_i is when the executor issues bucket k (it flattens the gradients into
 one buffer then; the buffer is freed when the collective ends). Objective:
 
-    minimise the makespan C = max(T, max_k e_k)          exposed communication = C − T
+    minimise the makespan C = max(T', max_k e_k)         exposed communication = C − T
+
+ω ∈ [0, 1] (``overlap``, the preset's ``comm_compute_overlap``): the fraction of a collective's time
+that overlaps compute without slowing it; r_i and T are compute progress. In issue order, with L_k =
+(1 − ω)·Σ_{j<k} o_j the delay compute has taken so far, bucket k is released at max_{i ∈ B_k} r_i + L_k
+and overlaps compute for o_k = min(d_k, (T + L_k − s_k)⁺/ω) (compute left at s_k runs at rate ω), and
+compute ends at T' = T + L_K (exact on one stream; collectives in flight at once each slow compute).
+ω = 1 is the model above; ω = 0 serialises, C = T + Σ_k d_k: each α is pure cost.
 
 Ties (every bucket hidden behind compute but the last is the common case) are broken towards
 gradients synced early. The dp makes each prefix of the ready order that ends a bucket finish as
@@ -62,6 +69,9 @@ Solvers
       f(0) = 0,   f(j) = min_{1 ≤ i ≤ j} max(r_j, f(i−1)) + d_a(b_i + ... + b_j)
 
   and C = max(T, f(n)); O(n²), the scan over i stopping once r_j + d(i..j) ≥ the best f(j) found.
+  ω < 1 (exact for one axis; per axis, a heuristic, beside other streams): the state (e, W), last
+  end and compute progress then, goes to (e + (r − W)⁺ + d, min(T, max(W, r) + ω·d)), monotone in
+  (−e, W), and C = T + e_n − W_n: each prefix keeps its Pareto front of (e, W) (thinned past 16).
 * ``cp-sat`` (axes sharing a stream, or a memory cap; ``method="auto"`` uses it up to
   ``CPSAT_MAX_GRADS`` gradients, beyond which each axis's dp buckets are list-scheduled in release
   order on the shared streams, a heuristic, when that keeps the cap): with x_i as above, in time
@@ -75,6 +85,9 @@ Solvers
       Cumulative({[r_i, s_i + D_i) present iff x_i, demand S_i}) ≤ M     (with a cap)
       s_i ≥ s_{i−1}                                                  (FIFO per axis)
       C ≥ T,  C ≥ c_i
+      ω < 1:  o_i = x_i ? min(D_i, T' − s_i)⁺ : 0,  T' = T + (1 − ω)·Σ o_i,  C ≥ T',
+              s_i ≥ r_i + (1 − ω)·Σ_{j < i on axis a} o_j  when x_i
+  ((1 − ω) in thousandths; exact for one axis, else the lag misses other axes: checked against the dp.)
 
   minimise C, then (C fixed at its optimum) Σ_i c_i: one worker, a fixed seed and deterministic
   time limits (70% and 30% of ``time_limit_s``; the wall clock only as a safety net at twice
@@ -83,7 +96,7 @@ Solvers
   order are re-timed in floats (``simulate``).
 
 For comparison, priced by the same model: ``synchronous_s`` (today's runtime: each gradient
-all-reduced alone, in its accumulate hook, blocking compute: T + Σ_i d_{a(i)}(b_i)) and ``ddp``
+all-reduced alone, in its accumulate hook, blocking compute: T + Σ_i d_{a(i)}(b_i), any ω) and ``ddp``
 (PyTorch DDP's rule: buckets in ready order closed at 25 MiB, the first at 1 MiB, overlapped).
 ZeRO-3 all-gather prefetch is not modelled: autopar has no sharded-parameter data parallelism yet.
 """
@@ -100,6 +113,7 @@ DDP_FIRST_BUCKET_BYTES = 1024 * 1024  # torch.distributed's _DEFAULT_FIRST_BUCKE
 _SEED = 20220711  # as solvers/intra_op.py: part of the determinism contract
 CPSAT_MAX_GRADS = 64  # "auto" beyond this many gradients: list scheduling of the dp's buckets (shared links)
 _UNITS = 10**5  # the CP-SAT model's horizon in time units (τ = horizon / _UNITS)
+_FRONT = 16  # the dp's labels per prefix with ω < 1, beyond which it thins them (a heuristic)
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,7 @@ class BucketProblem:
     stream: Sequence[int] | None = None  # σ(a) per axis; None: every axis on its own stream
     memory_cap_bytes: float | None = None  # M; None: no cap
     time_fn: Callable[[int, float], float] | None = None  # d_a(S) when not affine
+    overlap: float = 1.0  # ω: compute runs at rate ω while a collective is in flight
 
     def __post_init__(self):
         n, k = len(self.ready_s), len(self.alpha_s)
@@ -128,6 +143,8 @@ class BucketProblem:
             raise ValueError("ready times must be finite and >= 0, and bytes >= 0")
         if any(x < 0 for x in (*self.alpha_s, *self.beta_s)):
             raise ValueError("alpha_s and beta_s must be >= 0")
+        if not 0 <= self.overlap <= 1:
+            raise ValueError(f"overlap (comm_compute_overlap) must be in [0, 1], got {self.overlap!r}")
         if self.stream is not None and len(self.stream) != k:
             raise ValueError(f"stream needs one entry per axis ({k}), got {len(self.stream)}")
         if self.memory_cap_bytes is not None and n and self.memory_cap_bytes < max(self.nbytes):
@@ -187,21 +204,22 @@ def simulate(problem: BucketProblem, groups: Sequence[tuple[int, Sequence[int]]]
     seen = sorted(i for _, g in groups for i in g)
     if seen != list(range(problem.n)):
         raise ValueError("the buckets must hold every gradient exactly once")
-    streams = problem.streams()
+    streams, T, w = problem.streams(), problem.end_s, problem.overlap
     free: dict[int, float] = {}
-    out, total = [], 0.0
+    out, lag = [], 0.0  # lag: compute's delay so far, (1 − ω)·Σ overlapped collective time
     for a, g in groups:
         if any(problem.axis[i] != a for i in g):
             raise ValueError(f"bucket {list(g)} mixes axes: every gradient of a bucket reduces over axis {a}")
         g = tuple(sorted(g, key=lambda i: (problem.ready_s[i], i)))
         nb = sum(int(problem.nbytes[i]) for i in g)
-        s = max(max(float(problem.ready_s[i]) for i in g), free.get(streams[a], 0.0))
-        e = s + problem.duration(a, nb)
-        free[streams[a]] = e
-        total += len(g) * e
+        s = max(max(float(problem.ready_s[i]) for i in g) + lag, free.get(streams[a], 0.0))
+        e = free[streams[a]] = s + problem.duration(a, nb)
+        if (left := T + lag - s) > 0:  # compute still running: o = min(d, left / ω) overlapped
+            lag += (1 - w) * (e - s if w * (e - s) <= left else left / w)
         out.append(Bucket(a, g, nb, s, e))
-    end = max([problem.end_s, *(b.end_s for b in out)])
-    return Schedule(tuple(out), end, problem.end_s, total, solver, status, solve_time_s)
+    total = sum(len(b.grads) * b.end_s for b in out)
+    end = max([T + lag, *(b.end_s for b in out)])
+    return Schedule(tuple(out), end, T, total, solver, status, solve_time_s)
 
 
 def synchronous_s(problem: BucketProblem) -> float:
@@ -240,9 +258,11 @@ def solve(problem: BucketProblem, *, method: str = "auto", time_limit_s: float =
     dp_ok = _dp_exact(problem)
     if method == "dp" and not dp_ok:
         raise ValueError("the dp needs every stream to carry one axis and no binding memory cap; use cp-sat")
-    groups = _dp_groups(problem)
+    thinned: list[int] = []  # axes whose dp fronts were thinned (ω < 1, long axes): then not proven optimal
+    groups = _dp_groups(problem, thinned)
     if method == "dp" or (method == "auto" and dp_ok):
-        return simulate(problem, groups, solver="dp", status="optimal", solve_time_s=time.perf_counter() - t0)
+        status = "heuristic: dp fronts thinned to %d labels" % _FRONT if thinned else "optimal"
+        return simulate(problem, groups, solver="dp", status=status, solve_time_s=time.perf_counter() - t0)
     if method == "auto" and problem.n > CPSAT_MAX_GRADS:  # list scheduling: each axis's dp buckets, by release
         heuristic = simulate(problem, groups, solver="dp", status="heuristic: per-axis dp buckets, list-scheduled")
         if problem.memory_cap_bytes is None or _within_cap(problem, heuristic):
@@ -260,26 +280,28 @@ def _dp_exact(problem: BucketProblem) -> bool:
     used = sorted(set(problem.axis))
     one_axis_each = len({streams[a] for a in used}) == len(used)
     cap = problem.memory_cap_bytes
-    return one_axis_each and (cap is None or cap >= sum(problem.nbytes))
+    return one_axis_each and (cap is None or cap >= sum(problem.nbytes)) and (problem.overlap == 1 or len(used) == 1)
 
 
-def _dp_groups(problem: BucketProblem) -> list[tuple[int, list[int]]]:
+def _dp_groups(problem: BucketProblem, thinned: list | None = None) -> list[tuple[int, list[int]]]:
     """The dp's buckets on every axis, issued by start time (exact per stream; on a shared stream
     or under a cap, a warm start for CP-SAT)."""
     timed = []
     for a in sorted(set(problem.axis)):
-        for grads in _dp_axis(problem, a):
+        for grads in _dp_axis(problem, a, thinned if thinned is not None else []):
             timed.append((max(problem.ready_s[i] for i in grads), a, grads))
     timed.sort(key=lambda x: (x[0], x[1]))
     return [(a, g) for _, a, g in timed]
 
 
-def _dp_axis(problem: BucketProblem, a: int) -> list[list[int]]:
+def _dp_axis(problem: BucketProblem, a: int, thinned: list) -> list[list[int]]:
     """The dp over prefixes of axis a's ready order (module docstring)."""
     idx = problem.order(a)
     n = len(idx)
     r = [float(problem.ready_s[i]) for i in idx]
     b = [int(problem.nbytes[i]) for i in idx]
+    if problem.overlap < 1:
+        return _dp_labels(problem, a, idx, r, b, thinned)
     f, arg = [0.0], [0]  # f[j]: earliest end of a schedule of positions 0..j-1; arg[j]: its last bucket's first
     for j in range(1, n + 1):
         best, where, size = math.inf, j - 1, 0
@@ -297,6 +319,26 @@ def _dp_axis(problem: BucketProblem, a: int) -> list[list[int]]:
     while j > 0:
         out.append([idx[p] for p in range(arg[j], j)])
         j = arg[j]
+    return out[::-1]
+
+
+def _dp_labels(problem: BucketProblem, a: int, idx, r, b, thinned: list) -> list[list[int]]:
+    """ω < 1: per prefix, the Pareto front of labels (e, W, the last bucket's first position, parent)."""
+    T, w, fronts = problem.end_s, problem.overlap, [[(0.0, 0.0, 0, None)]]
+    for j in range(1, len(idx) + 1):
+        cand = [(lab[0] + max(0.0, r[j - 1] - lab[1]) + d, -min(T, max(lab[1], r[j - 1]) + w * d), -i, lab)
+                for i in range(j) for d in [problem.duration(a, sum(b[i:j]))] for lab in fronts[i]]
+        fronts.append([])
+        for e, mW, mi, lab in sorted(cand, key=lambda x: x[:3]):  # more progress than every earlier label
+            if not fronts[-1] or -mW > fronts[-1][-1][1]:
+                fronts[-1].append((e, -mW, -mi, lab))
+        if len(fronts[-1]) > _FRONT:  # thinned, evenly along the front: no longer exact
+            thinned.append(a)
+            fronts[-1] = [fronts[-1][k * (len(fronts[-1]) - 1) // (_FRONT - 1)] for k in range(_FRONT)]
+    lab, out, j = min(fronts[-1], key=lambda x: (x[0] - x[1], x[0])), [], len(idx)  # C = T + e − W
+    while j > 0:
+        out.append([idx[p] for p in range(lab[2], j)])
+        j, lab = lab[2], lab[3]
     return out[::-1]
 
 
@@ -352,6 +394,16 @@ def _cpsat(problem: BucketProblem, hint_groups, time_limit_s: float, t0: float) 
     C = m.new_int_var(t(T), H, "C")
     for i in c:
         m.add(C >= c[i])
+    if problem.overlap < 1:  # o_i, T' (module docstring); q = 1000·(1 − ω)
+        q, Tw = 1000 - round(1000 * problem.overlap), m.new_int_var(t(T), H, "Tw")
+        o, mn = {i: m.new_int_var(0, H, f"o{i}") for i in c}, {i: m.new_int_var(-H, H, f"m{i}") for i in c}
+        m.add(1000 * Tw >= 1000 * t(T) + q * sum(o.values()))
+        m.add(C >= Tw)
+        for a in axes:
+            for p, i in enumerate(order[a]):
+                m.add_min_equality(mn[i], [d[i], Tw - s[i]])
+                m.add(o[i] >= mn[i]).only_enforce_if(x[i])
+                m.add(1000 * s[i] >= 1000 * t(problem.ready_s[i]) + q * sum(o[j] for j in order[a][:p])).only_enforce_if(x[i])
     vars_ = [v for i in range(problem.n) for v in (x[i], d[i], sz[i], s[i], e[i], c[i])] + [C]
 
     # warm start: the dp's buckets, timed in the model's integer units (under a cap CP-SAT may repair them)
@@ -378,8 +430,8 @@ def _cpsat(problem: BucketProblem, hint_groups, time_limit_s: float, t0: float) 
 
     def run(limit, values):
         m.clear_hints()
-        for v in vars_:
-            m.add_hint(v, values[v])
+        for v, value in values.items():
+            m.add_hint(v, value)
         solver = cp_model.CpSolver()
         prm = solver.parameters
         prm.num_workers, prm.random_seed = 1, _SEED
@@ -399,7 +451,7 @@ def _cpsat(problem: BucketProblem, hint_groups, time_limit_s: float, t0: float) 
                         solve_time_s=time.perf_counter() - t0)
     first = status
     m.add(C <= solver.value(C))
-    found = {v: solver.value(v) for v in vars_}
+    found = {v: solver.value(v) for v in vars_ + (list(o.values()) + [Tw] if problem.overlap < 1 else [])}
     m.minimize(sum(c.values()))
     solver2, status2 = run(0.3 * time_limit_s, found)
     if status2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -414,5 +466,10 @@ def _cpsat(problem: BucketProblem, hint_groups, time_limit_s: float, t0: float) 
                 groups.append((solver.value(s[i]), a, cur))
                 cur = []
     groups.sort(key=lambda g: (g[0], g[1]))
-    return simulate(problem, [(a, g) for _, a, g in groups], solver="cp-sat",
-                    status="optimal" if optimal else "feasible", solve_time_s=time.perf_counter() - t0)
+    optimal &= problem.overlap == 1 or len(axes) == 1  # else the ω terms are approximate (docstring)
+    out = simulate(problem, [(a, g) for _, a, g in groups], solver="cp-sat",
+                   status="optimal" if optimal else "feasible", solve_time_s=time.perf_counter() - t0)
+    if problem.overlap < 1 and not live:  # approximate ω terms: keep the dp's buckets where they do better
+        dp = simulate(problem, hint_groups, solver="dp", status="feasible (beat cp-sat)", solve_time_s=out.solve_time_s)
+        out = dp if dp.makespan_s < out.makespan_s * (1 - 1e-9) else out
+    return out

@@ -224,3 +224,43 @@ def test_a_plan_buckets_by_latency_and_round_trips(tmp_path):
     off = autopar.plan(model, autopar.Mesh({"dp": 2}, hardware=preset("low", *links["low"])), (ids,), traced=tg,
                        time_limit_s=5, fusion_preview=False, comm_schedule="off")
     assert off.comm_schedule is None and "grad_sync_exposed_s" not in off.time_breakdown
+
+
+def test_partial_overlap_slows_compute_and_dp_cpsat_match_brute_force():
+    """ω (the preset's comm_compute_overlap): (1 − ω) of each overlapped collective's time delays
+    compute. The dp and CP-SAT still find the best contiguous buckets for ω in {0, 0.5, 1}; ω = 0
+    serialises (C = T + Σ d_k), so one bucket per axis, never more than with ω = 1."""
+    rng = random.Random(5)
+    for _ in range(10):
+        p0 = _random(rng, rng.randint(1, 7))
+        got = {}
+        for w in (0.0, 0.5, 1.0):
+            p = BucketProblem(p0.ready_s, p0.nbytes, p0.axis, p0.alpha_s, p0.beta_s, p0.backward_s, overlap=w)
+            best = min(simulate(p, [(0, g) for g in part]).makespan_s for part in _contiguous(p.order(0)))
+            dp, cp = solve(p, method="dp"), solve(p, method="cp-sat", time_limit_s=2)
+            assert dp.makespan_s == pytest.approx(best, abs=1e-9), (w, p)
+            assert cp.makespan_s == pytest.approx(best, rel=1e-4), (w, p)
+            got[w] = dp
+        zero = got[0.0]
+        assert zero.makespan_s == pytest.approx(p0.end_s + sum(b.end_s - b.start_s for b in zero.buckets), abs=1e-9)
+        assert len(zero.buckets) == 1 <= len(got[1.0].buckets)
+        assert got[1.0].makespan_s <= got[0.5].makespan_s + 1e-9 <= zero.makespan_s + 2e-9
+    with pytest.raises(ValueError, match="overlap"):
+        BucketProblem([0.0], [1], [0], [0.1], [0.01], 1.0, overlap=1.5)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "half", True])
+def test_the_preset_field_comm_compute_overlap_is_validated(tmp_path, value):
+    from autopar.cost_models.hardware import PRESET_DIR, load_hardware
+    from autopar.errors import MeshError
+
+    data = json.loads((PRESET_DIR / "local.json").read_text())
+    assert 0 <= load_hardware("local").comm_compute_overlap <= 1
+    (tmp_path / "ok.json").write_text(json.dumps({**data, "comm_compute_overlap": 0.25}))
+    assert load_hardware(str(tmp_path / "ok.json")).comm_compute_overlap == 0.25
+    data.pop("comm_compute_overlap", None)
+    (tmp_path / "default.json").write_text(json.dumps(data))
+    assert load_hardware(str(tmp_path / "default.json")).comm_compute_overlap == 1.0
+    (tmp_path / "bad.json").write_text(json.dumps({**data, "comm_compute_overlap": value}))
+    with pytest.raises(MeshError, match=r"comm_compute_overlap.*must be a number in \[0, 1\]"):
+        load_hardware(str(tmp_path / "bad.json"))
