@@ -55,6 +55,15 @@ def _boundary(rank, world):
     attempt("model_parameter", lambda: pm(x))
     model.fc2.weight = pm.fc2.weight = nn.Parameter(torch.randn(70, 64))
     attempt("shape", lambda: pm(x))
+
+    from models import GPT  # a pipelined module checks the same, at each step
+
+    gpt, ids = GPT(vocab=64, d=32, heads=2, layers=2, max_len=16), torch.randint(0, 64, (4, 8))
+    pp = autopar.compile(gpt, autopar.Mesh({"pp": world}), example_inputs=(ids,), time_limit_s=2.0,
+                         pipeline={"microbatches": 2})
+    pp(ids)
+    gpt.ln_f = nn.LayerNorm(32)
+    attempt("pipelined", lambda: pp(ids))
     return out
 
 
@@ -95,5 +104,10 @@ def test_a_model_changed_after_compile_is_refused(boundary):
                        ("shape", "fc2.weight is (70, 64) torch.float32, compiled as (64, 64) torch.float32")]:
         msg = boundary[case]
         assert msg.startswith(f"the model was changed after autopar.compile: {what}"), (case, msg)
+        assert "compile the changed model again" in msg
+    assert boundary["pipelined"].startswith("the model was changed after autopar.compile: ln_f of the model given to "
+                                            "compile replaced"), boundary["pipelined"]
+    for case in ("pm_parameter",):
+        msg = boundary[case]
         assert "compile the changed model again" in msg
 

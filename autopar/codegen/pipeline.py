@@ -371,6 +371,7 @@ class PipelinedModule(CompiledModule):
             stages=stages, modules=modules, shared=shared, schedules={}, pp_group=pp_group,
             last_rank=(n_stages - 1) % p, microbatches=int(pipe["microbatches"]), schedule=pipe["schedule"],
             programs=programs)
+        self._remember_state()
 
     @property
     def stage_programs(self) -> list[StageProgram]:
@@ -400,6 +401,8 @@ class PipelinedModule(CompiledModule):
         from .runtime import user_inputs
 
         st = self._autopar
+        self._check_unchanged({**dict(self.named_parameters(remove_duplicate=False)),
+                               **dict(self.named_buffers(remove_duplicate=False))})
         flat = user_inputs(st["traced"], args, kwargs, batch_factor=st["microbatches"])
         if st["traced"].mutated_buffers:
             raise AutoparError(f"buffers {st['traced'].mutated_buffers[:3]} are updated in forward (BatchNorm "
