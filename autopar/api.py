@@ -150,9 +150,9 @@ def explain_infeasible(tg, axes: dict | None, hw, limit: float, *, mode: str = "
                        optimizer: str = "adamw", **facts) -> str | None:
     """Why no layout of ``tg`` on mesh ``axes`` (None: any mesh of ``facts["devices"]`` devices)
     can fit ``limit`` bytes per device, in z3's words (solvers/feasibility.py), or None. The state
-    is counted as the memory model counts it (a lower bound of it: optimizer state at its linear
-    rate): tied parameters once, gradient and state for trained ones, MoE experts apart."""
-    from .cost_models.memory import OPTIMIZERS
+    is counted as the memory model counts it (a lower bound of it: each tensor's optimizer state
+    taken whole): tied parameters once, gradient and state for trained ones, MoE experts apart."""
+    from .cost_models.memory import state_bytes
     from .solvers.feasibility import Request, explain
 
     experts = {p for layer in tg.moe for p in layer.params}
@@ -163,8 +163,8 @@ def explain_infeasible(tg, axes: dict | None, hw, limit: float, *, mode: str = "
         if (node.op == "placeholder" and node.name in tg.params and node.name not in tg.aliases and val is not None
                 and any(u.op == "call_function" for u in node.users)):  # an unused one is on no pipeline stage
             trained = mode == "train" and tg.params[node.name] in trainable and val.dtype.is_floating_point
-            per = (1 + trained) * val.element_size() + trained * OPTIMIZERS[optimizer][0]
-            state[node.name in experts] += val.numel() * per
+            n = val.numel()  # the whole tensor's state: no more than its shards' together
+            state[node.name in experts] += (1 + trained) * n * val.element_size() + trained * state_bytes(n, optimizer)
     return explain(Request(limit, mesh=axes, hardware=hw.name, dense_state=state[0], expert_state=state[1],
                            state=f"parameters, gradients and {optimizer} state" if mode == "train" else "parameters", **facts))
 

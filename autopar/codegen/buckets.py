@@ -48,16 +48,14 @@ class GradBuckets:
         return id(param) in self.slot
 
     def hook(self, param) -> None:
-        from torch.distributed.tensor import Partial, Replicate
+        from .runtime import summed_axis
 
         task = torch._C._current_graph_task_id()
         if task != self.task:  # the first gradient of this backward
             self._start(task)
         i, dtype, offset, shape = self.slot[id(param)]
         k, g = self.axes.index(self.buckets[i][0]), param.grad
-        differ = [j for j, (a, p) in enumerate(zip(g.placements, param.placements)) if a != p]
-        if differ == [k] and isinstance(param.placements[k], Replicate) and isinstance(g.placements[k], Partial) \
-                and g.placements[k].reduce_op == "sum" and g.dtype == dtype:
+        if summed_axis(param, g) == k and g.dtype == dtype:
             self.buffers[i, dtype][offset:offset + shape.numel()].view(shape).copy_(g.to_local())
             param.grad = None  # the bucket holds it now
             self.ready[i][id(param)] = True

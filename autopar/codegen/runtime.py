@@ -252,6 +252,18 @@ def _like(local: torch.Tensor, meta) -> torch.Tensor:
     return local.permute(order).contiguous().permute(inverse)
 
 
+def summed_axis(param, grad) -> int | None:
+    """The one mesh axis on which ``grad`` differs from ``param``'s placements, by ``P(sum)`` -> ``R``
+    (data parallelism's sync: an all-reduce on that axis's group), or None."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    differ = [i for i, (a, p) in enumerate(zip(grad.placements, param.placements)) if a != p]
+    if len(differ) != 1:
+        return None
+    a, p = grad.placements[differ[0]], param.placements[differ[0]]
+    return differ[0] if isinstance(p, Replicate) and isinstance(a, Partial) and a.reduce_op == "sum" else None
+
+
 def sync_gradients(param, compressor=None) -> None:
     """After backward, bring a parameter's gradient to the parameter's placement.
 
@@ -261,18 +273,17 @@ def sync_gradients(param, compressor=None) -> None:
     that differs from the parameter only by ``P(sum)`` -> ``R`` on one mesh axis is all-reduced
     compressed on that axis's group, local shard by local shard; any other sync is uncompressed.
     """
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+    from torch.distributed.tensor import DTensor
 
     g = param.grad
     if g is None or tuple(g.placements) == tuple(param.placements):
         return
-    differ = [i for i, (a, p) in enumerate(zip(g.placements, param.placements)) if a != p]
-    if compressor is None or len(differ) != 1 or not isinstance(param.placements[differ[0]], Replicate) \
-            or not isinstance(g.placements[differ[0]], Partial) or g.placements[differ[0]].reduce_op != "sum":
+    axis = summed_axis(param, g)
+    if compressor is None or axis is None:
         param.grad = g.redistribute(param.device_mesh, param.placements)
         return
     mesh = param.device_mesh
-    local = compressor.allreduce(g.to_local().contiguous(), mesh.get_group(differ[0]))
+    local = compressor.allreduce(g.to_local().contiguous(), mesh.get_group(axis))
     param.grad = DTensor.from_local(local, mesh, param.placements, run_check=False, shape=param.shape,
                                     stride=param.stride())
 
